@@ -1,0 +1,12 @@
+"""Text environments behind one interface (:class:`envs.base.TextEnv`).
+
+``ENVS`` maps the ``--env`` name to its class; later environments (AutoExplore, ALFWorld, the ICPI
+tasks, classification bandits, Game of 24) are added here.
+"""
+
+from envs.base import Observation, TextEnv
+from envs.taxi import TaxiEnv
+
+ENVS: dict[str, type[TextEnv]] = {"taxi": TaxiEnv}
+
+__all__ = ["ENVS", "Observation", "TextEnv", "TaxiEnv"]
