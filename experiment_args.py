@@ -7,9 +7,14 @@ same fields; flags given on the command line win.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 ENV_NAMES = ("taxi",)  # grows with envs.ENVS; checked here so a typo fails before any model loads
@@ -72,6 +77,71 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     return tuple(objs)
 
 
+def resolved_config(*configs, ignore: tuple[str, ...] = ()) -> dict:
+    """One flat dict of every field of the given dataclasses (TrainingArguments included)."""
+    out: dict = {}
+    for cfg in configs:
+        items = cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
+        out.update({k: v for k, v in items.items() if k not in ignore and not k.startswith("_")})
+    return out
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output_dir(output_dir: str | Path, config: dict, flag: str = "--output_dir", overwrite: bool = False,
+                     compare_ignore: tuple[str, ...] = ()) -> bool:
+    """Refuse to mix two runs in one folder.
+
+    Returns True when ``output_dir`` already holds a run with the same config (the caller may resume
+    or skip), False when it is new or empty. A folder holding a different run raises UsageError.
+    With ``overwrite`` any existing folder is deleted first.
+    """
+    import yaml
+
+    output_dir = Path(output_dir)
+    saved = output_dir / "config.yaml"
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return False
+    if overwrite:
+        shutil.rmtree(output_dir)
+        return False
+    if saved.exists():
+        old = yaml.safe_load(saved.read_text()) or {}
+        keys = (set(old) | set(config)) - set(compare_ignore)
+        differ = sorted(k for k in keys if _plain(old.get(k)) != _plain(config.get(k)))
+        if not differ:
+            return True
+        what = f"a different run (differs in {', '.join(differ[:4])}{'...' if len(differ) > 4 else ''})"
+    else:
+        what = "files that are not from this command"
+    raise UsageError(f"{output_dir} holds {what}; pass another {flag} or --overwrite_output_dir")
+
+
+def _plain(value):
+    """Normalise a config value so that YAML round trips compare equal (tuples, enums, paths)."""
+    import yaml
+
+    return yaml.safe_load(yaml.safe_dump(value)) if value is not None else None
+
+
+def save_config(output_dir: str | Path, config: dict) -> None:
+    import yaml
+
+    atomic_write_text(Path(output_dir) / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=True))
+
+
 @dataclass
 class ModelArguments:
     """Which model to load and how (shared by SFT, RL and evaluation)."""
@@ -112,3 +182,94 @@ class ModelArguments:
             raise UsageError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
         if self.lora_r <= 0:
             raise UsageError("--lora_r must be positive")
+
+
+@dataclass
+class TaxiArguments:
+    """DangerousTaxi options (envs/taxi.py), shared by data generation, RL and evaluation."""
+
+    taxi_stage: str = field(default="full", metadata={"help": "Curriculum stage: pickup, dropoff or full."})
+    taxi_horizon: int = field(
+        default=15,
+        metadata={"help": "Steps before truncation (paper: 15; at 15, 80.7% of full-stage starts can be finished)."},
+    )
+    taxi_danger: bool = field(default=True, metadata={"help": "A step that changes nothing gives -10/20 and ends."})
+    taxi_coordinates: bool = field(default=True, metadata={"help": "Add a plain-coordinates line under the grid."})
+    taxi_instructions: bool = field(default=False, metadata={"help": "Start each observation with the rules."})
+    taxi_history: bool = field(default=True, metadata={"help": "List the actions taken so far (as the paper)."})
+
+    def __post_init__(self):
+        from envs.taxi import STAGES
+
+        if self.taxi_stage not in STAGES:
+            raise UsageError(f"--taxi_stage {self.taxi_stage!r} is not one of {', '.join(STAGES)}")
+        if self.taxi_horizon <= 0:
+            raise UsageError("--taxi_horizon must be positive")
+
+    def make_env(self, stage: str | None = None):
+        from envs.taxi import TaxiEnv
+
+        return TaxiEnv(
+            stage=stage or self.taxi_stage,
+            horizon=self.taxi_horizon,
+            danger=self.taxi_danger,
+            coordinates=self.taxi_coordinates,
+            instructions=self.taxi_instructions,
+            history=self.taxi_history,
+        )
+
+
+@dataclass
+class ReflectorAPIArguments:
+    """An OpenAI-compatible chat model that writes reflections (data generation)."""
+
+    reflector: str = field(default="rule", metadata={"help": "Who writes reflections: rule (built-in) or api."})
+    reflector_api_base: str = field(
+        default="", metadata={"help": "Base URL of an OpenAI-compatible server (default: the openai client's)."}
+    )
+    reflector_model: str = field(default="gpt-4o-mini-2024-07-18", metadata={"help": "Chat model name (pin a dated one)."})
+    reflector_api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "Environment variable that holds the API key (never logged)."}
+    )
+    reflector_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (paper: 0.7)."})
+    reflector_max_tokens: int = field(default=150, metadata={"help": "Token cap of one reflection."})
+    reflector_max_retries: int = field(default=6, metadata={"help": "Retries on 429/5xx/timeouts, with backoff."})
+    reflector_timeout: float = field(default=60.0, metadata={"help": "Seconds before one request times out."})
+    reflector_cache_dir: str = field(
+        default="", metadata={"help": "On-disk response cache; default <output_dir>/../.reflection_cache."}
+    )
+
+    def __post_init__(self):
+        if self.reflector not in ("rule", "api"):
+            raise UsageError(f"--reflector {self.reflector!r} is not one of rule, api")
+        if self.reflector_max_retries < 0:
+            raise UsageError("--reflector_max_retries must be >= 0")
+
+
+@dataclass
+class DataGenArguments:
+    """SFT data generation (data_gen/taxi/gen_sft.py)."""
+
+    output_dir: str = field(default="data/taxi", metadata={"help": "Where train/ and test/ JSONL files go."})
+    num_episodes: int = field(default=300, metadata={"help": "Training episodes."})
+    num_test_episodes: int = field(default=60, metadata={"help": "Held-out episodes (other seeds)."})
+    random_action_rate: float = field(
+        default=0.3,
+        metadata={
+            "help": "Probability of a random (non-fatal) action instead of the oracle's; labels are always the "
+            "oracle's (paper: 0.9, labelled with the executed action)."
+        },
+    )
+    negative_rate: float = field(
+        default=0.3,
+        metadata={"help": "Per step, the chance to add a negative example: a wrong move, then a corrective reflection."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the episode starts and random actions."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir from a different run."})
+
+    def __post_init__(self):
+        if self.num_episodes <= 0 or self.num_test_episodes < 0:
+            raise UsageError("--num_episodes must be positive and --num_test_episodes >= 0")
+        for name in ("random_action_rate", "negative_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UsageError(f"--{name} must be in [0, 1]")

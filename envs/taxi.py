@@ -237,6 +237,9 @@ class TaxiEnv(TextEnv):
     def oracle_action(self) -> int:
         return oracle_action(self.state, self.stage)
 
+    def oracle_action_at(self, state: int) -> int:
+        return oracle_action(state, self.stage)
+
     def distance_to_goal(self, state: int | None = None) -> float:
         """Steps the oracle needs from ``state`` (default: now) to finish this stage."""
         s = self.state if state is None else state

@@ -1,0 +1,1 @@
+"""DangerousTaxi SFT data: oracle + random trajectories, negative examples, reflections."""

@@ -1,0 +1,57 @@
+"""Taxi reflections: the built-in rule-based reflector and the chat messages for an API reflector.
+
+A reflection says what the last action did, whether it helped, and the plan (the oracle's next
+action), as the paper's GPT-4 reflections did with their "spoiler" of the best action.
+"""
+
+from __future__ import annotations
+
+from envs.taxi import ACTIONS, IN_TAXI, LOCS, TaxiEnv, decode, goal_distances
+
+SYSTEM_PROMPT = (
+    "You are a reflectioner helping a taxi driver on a 5x5 grid. Given the current state, write a short "
+    "reflection: the consequence of the last action, whether it was good or bad and why, and what to do "
+    "next. You are told the best next action as a spoiler: use it to plan, but never mention that you "
+    "were told. At most 100 words."
+)
+
+
+def _phase(state: int) -> str:
+    return "drop-off" if decode(state)[2] == IN_TAXI else "pick-up"
+
+
+def _target(state: int) -> tuple[int, int]:
+    _, _, passenger, destination = decode(state)
+    return LOCS[destination] if passenger == IN_TAXI else LOCS[passenger]
+
+
+def rule_reflection(env: TaxiEnv, prev_state: int | None, action: int | None, state: int) -> str:
+    """What ``action`` did between ``prev_state`` and ``state``, and the plan from ``state``.
+
+    ``prev_state=None`` is the first step of an episode: only the plan.
+    """
+    best = ACTIONS[env.oracle_action_at(state)]
+    phase = _phase(state)
+    # Steps to the next milestone (pick-up, then drop-off); the drop-off counts its final action.
+    left = int(goal_distances("pickup" if phase == "pick-up" else "deliver")[state])
+    plan = f"The {phase} at {_target(state)} is {left} step{'' if left == 1 else 's'} away. Best next action: {best}."
+    if prev_state is None or action is None:
+        return f"Start. {plan}"
+    name = ACTIONS[action]
+    if decode(prev_state)[2] != IN_TAXI and decode(state)[2] == IN_TAXI:
+        return f"'{name}' picked up the passenger, good. {plan}"
+    # The verdict uses the whole stage's distance: a good action shortens it by exactly one step.
+    if env.distance_to_goal(state) < env.distance_to_goal(prev_state):
+        return f"'{name}' was good: it got closer. {plan}"
+    return f"'{name}' was a mistake: it is not on a shortest path. {plan}"
+
+
+def api_messages(env: TaxiEnv, state_text: str, state: int, first_step: bool) -> list[dict]:
+    """The paper's request to its GPT-4 reflectioner (its data_gen/taxi/reflection.py format)."""
+    best = ACTIONS[env.oracle_action_at(state)]
+    ask = "Give me a one-sentence analysis on what I should do" if first_step else "Give me a two-sentence reflection"
+    user = (
+        f"------ State ------\n{state_text}\n\n"
+        f"--- Spoiler: the best action you should take next is {best} ---\n\n------ {ask} ---"
+    )
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]

@@ -1,0 +1,195 @@
+"""Taxi SFT data generation: files, formats, negative examples, reflectors, bad input."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import datasets
+import pytest
+
+from data_gen.taxi import gen_sft
+from data_gen.taxi.reflection import rule_reflection
+from envs.prompt import ACTION_HEAD, ANALYZE_HEAD
+from envs.taxi import LOCS, TaxiEnv, encode, optimal_actions
+
+NORTH, WEST = 1, 3
+
+
+def generate(tmp_path, *flags):
+    out = tmp_path / "data"
+    gen_sft.main(["--output_dir", str(out), "--num_episodes", "12", "--num_test_episodes", "4", *flags])
+    return out
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_files_round_trip_through_datasets(tmp_path):
+    out = generate(tmp_path)
+    names = ["sft", "sft_reflection", "sft_policy"]
+    for split in ("train", "test"):
+        for name in names + [f"{n}_positive" for n in names]:
+            ds = datasets.load_dataset("json", data_files=str(out / split / f"{name}.jsonl"), split="train")
+            assert {"prompt", "completion", "kind"} <= set(ds.column_names) and len(ds) > 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["train"]["files"]["sft"] == len(read(out / "train" / "sft.jsonl"))
+    assert (out / "config.yaml").exists()
+
+
+def test_views_are_aligned_and_formats_match(tmp_path):
+    out = generate(tmp_path)
+    plain, refl, policy = (read(out / "train" / f"{n}.jsonl") for n in ("sft", "sft_reflection", "sft_policy"))
+    assert len(plain) == len(refl) == len(policy)
+    for p, r, q in zip(plain, refl, policy):
+        assert p["prompt"].endswith(ACTION_HEAD) and ANALYZE_HEAD not in p["prompt"]
+        assert r["prompt"].endswith(ANALYZE_HEAD) and r["completion"]
+        # the policy prompt is the reflection prompt + the reflection + the plain prompt's action list
+        assert q["prompt"] == r["prompt"] + r["completion"] + p["prompt"][len(r["prompt"]) - len(ANALYZE_HEAD) - 2 :]
+        assert p["completion"] == q["completion"] and p["completion"] in "012345"
+
+
+def test_negative_examples_and_positive_files(tmp_path):
+    out = generate(tmp_path, "--negative_rate", "1.0")
+    rows = read(out / "train" / "sft_reflection.jsonl")
+    negatives = [r for r in rows if r["kind"] == "negative"]
+    assert negatives and all("mistake" in r["completion"] for r in negatives)
+    positive = read(out / "train" / "sft_reflection_positive.jsonl")
+    assert len(positive) == len(rows) - len(negatives) and all(r["kind"] == "positive" for r in positive)
+    none = generate(tmp_path / "b", "--negative_rate", "0")
+    assert all(r["kind"] == "positive" for r in read(none / "train" / "sft.jsonl"))
+
+
+def test_labels_are_oracle_actions_even_with_random_moves(tmp_path):
+    out = generate(tmp_path, "--random_action_rate", "1.0", "--negative_rate", "0")
+    for row in read(out / "train" / "sft_policy.jsonl"):
+        assert f"Best next action: {row['action']}." in row["prompt"]
+
+
+def test_same_seed_same_data_and_rerun_is_a_noop(tmp_path, capsys):
+    out = generate(tmp_path)
+    first = (out / "train" / "sft_policy.jsonl").read_text()
+    generate(tmp_path)
+    assert "nothing to do" in capsys.readouterr().out
+    other = generate(tmp_path / "c")
+    assert (other / "train" / "sft_policy.jsonl").read_text() == first
+
+
+def test_rule_reflection_texts():
+    env = TaxiEnv(stage="full")
+    env.reset(seed=0)
+    start = encode(2, 2, 0, 1)  # passenger at R (0, 0); a wall blocks (1, 2) -> (1, 1), so west first
+    assert optimal_actions(start) == [WEST]
+    assert rule_reflection(env, None, None, start) == (
+        "Start. The pick-up at (0, 0) is 5 steps away. Best next action: move west."
+    )
+    good = rule_reflection(env, start, WEST, encode(2, 1, 0, 1))
+    assert good.startswith("'move west' was good: it got closer. The pick-up at (0, 0) is 4 steps away.")
+    bad = rule_reflection(env, start, NORTH, encode(1, 2, 0, 1))
+    assert bad.startswith("'move north' was a mistake") and bad.endswith("Best next action: move south.")
+    picked = rule_reflection(env, encode(*LOCS[0], 0, 1), 4, encode(*LOCS[0], 4, 1))
+    assert "picked up the passenger" in picked and "drop-off at (0, 4)" in picked
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--taxi_stage", "nowhere"], "--taxi_stage"),
+        (["--negative_rate", "1.5"], "--negative_rate"),
+        (["--reflector", "gpt"], "--reflector"),
+        (["--no_such_flag", "1"], "unknown flag"),
+    ],
+)
+def test_bad_flags_fail_with_one_line(tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as exc:
+        gen_sft.main(["--output_dir", str(tmp_path / "x"), *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_different_run_in_output_dir_is_refused(tmp_path, capsys):
+    out = generate(tmp_path)
+    before = (out / "train" / "sft.jsonl").read_text()
+    with pytest.raises(SystemExit):
+        generate(tmp_path, "--seed", "5")
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert (out / "train" / "sft.jsonl").read_text() == before
+    generate(tmp_path, "--seed", "5", "--overwrite_output_dir")
+    assert (out / "train" / "sft.jsonl").read_text() != before
+
+
+class FakeChatServer:
+    """A loopback OpenAI-compatible chat endpoint that answers 429, then 500, then succeeds."""
+
+    def __init__(self, failures=(429, 500)):
+        self.calls, self.failures = 0, list(failures)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.calls += 1
+                if outer.failures:
+                    code = outer.failures.pop(0)
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(json.dumps({"error": {"message": "try later"}}).encode())
+                    return
+                spoiler = body["messages"][1]["content"].split("best action you should take next is ")[1]
+                reply = {
+                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": f"Plan: {spoiler.split(' ---')[0]}."}}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+                }
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_api_reflector_retries_caches_and_reruns_for_free(tmp_path):
+    server = FakeChatServer()
+    flags = ["--reflector", "api", "--reflector_api_base", server.url, "--reflector_model", "fake-1",
+             "--reflector_cache_dir", str(tmp_path / "cache"), "--num_episodes", "2", "--num_test_episodes", "0"]
+    try:
+        out = tmp_path / "api"
+        gen_sft.main(["--output_dir", str(out), *flags])
+        calls = server.calls
+        rows = read(out / "train" / "sft_reflection.jsonl")
+        assert rows and all(r["completion"].startswith("Plan: ") for r in rows)
+        stats = json.loads((out / "stats.json").read_text())["api"]
+        assert stats["retries"] == 2 and stats["completion_tokens"] > 0
+        # the same requests again, in a fresh output dir: all from the cache, no server call
+        gen_sft.main(["--output_dir", str(tmp_path / "api2"), *flags])
+        assert server.calls == calls
+    finally:
+        server.close()
+
+
+def test_api_reflector_gives_up_with_a_clear_error(tmp_path, capsys):
+    server = FakeChatServer(failures=[503] * 10)
+    try:
+        with pytest.raises(SystemExit):
+            gen_sft.main(["--output_dir", str(tmp_path / "o"), "--reflector", "api", "--reflector_api_base",
+                          server.url, "--reflector_max_retries", "1", "--reflector_cache_dir", str(tmp_path / "c")])
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert "failed 2 times" in err and "--reflector_api_base" in err
+    assert not (tmp_path / "o").exists()
