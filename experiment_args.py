@@ -131,9 +131,9 @@ def check_output_dir(output_dir: str | Path, config: dict, flag: str = "--output
 
 def _plain(value):
     """Normalise a config value so that YAML round trips compare equal (tuples, enums, paths)."""
-    import yaml
+    import json
 
-    return yaml.safe_load(yaml.safe_dump(value)) if value is not None else None
+    return json.loads(json.dumps(value, default=lambda v: getattr(v, "value", str(v))))
 
 
 def save_config(output_dir: str | Path, config: dict) -> None:
@@ -166,7 +166,6 @@ class ModelArguments:
     lora_target_modules: str = field(
         default="all-linear", metadata={"help": "Comma-separated module names for LoRA, or 'all-linear'."}
     )
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
     cache_dir: str = field(
         default="",
         metadata={"help": "Where built-in models are materialised; default $REFLECT_RL_CACHE or ~/.cache/reflect_rl."},
@@ -273,3 +272,77 @@ class DataGenArguments:
         for name in ("random_action_rate", "negative_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UsageError(f"--{name} must be in [0, 1]")
+
+
+@dataclass
+class SFTScriptArguments:
+    """What training.sft trains on (the model and trainer options are separate dataclasses)."""
+
+    role: str = field(
+        default="policy",
+        metadata={
+            "help": "policy (prompt + reflection -> action), reflector (prompt -> reflection) or plain "
+            "(prompt -> action, the no-reflection baseline)."
+        },
+    )
+    data_dir: str = field(default="data/taxi", metadata={"help": "Output of data_gen (holds train/ and test/)."})
+    positive_only: bool = field(default=False, metadata={"help": "Use *_positive.jsonl (no negative examples)."})
+    max_eval_samples: int = field(default=400, metadata={"help": "Held-out examples scored after training (0: none)."})
+
+    def __post_init__(self):
+        if self.role not in SFT_FILES:
+            raise UsageError(f"--role {self.role!r} is not one of {', '.join(SFT_FILES)}")
+
+    def data_file(self, split: str) -> str:
+        name = SFT_FILES[self.role] + ("_positive" if self.positive_only else "")
+        return str(Path(self.data_dir) / split / f"{name}.jsonl")
+
+
+SFT_FILES = {"policy": "sft_policy", "reflector": "sft_reflection", "plain": "sft"}
+
+
+def _sft_config_base():
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+@dataclass
+class SFTTrainingArguments(_sft_config_base()):
+    """TRL's SFTConfig with defaults that run anywhere: bf16 only where the GPU has it, TensorBoard
+    always, the paper's LoRA learning rate (2e-4) and a cosine schedule."""
+
+    output_dir: str = field(default="runs/sft", metadata={"help": "Run folder: adapter, checkpoints, config, metrics."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: where CUDA supports it."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (paper: 2e-4 with LoRA)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "LR schedule (cosine avoids late swings)."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warm-up: a fraction of steps if < 1, else a count."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (max_steps > 0 overrides)."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per process."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Eval batch size per process."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=100, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept."})
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "tensorboard, wandb, trackio or none (metrics.jsonl is always written)."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete output_dir if it holds another run."})
+    activation_checkpointing: bool | None = field(
+        default=False, metadata={"help": "Recompute activations in backward (TRL's default is on; small models run faster off)."}
+    )
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Old name of --activation_checkpointing."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP graph walk for unused parameters (LoRA and full models use them all)."}
+    )
+
+    def __post_init__(self):
+        import torch
+
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if not torch.cuda.is_available():
+            self.use_cpu = True
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise UsageError(str(err).splitlines()[0]) from None

@@ -100,3 +100,14 @@ def parse_label(text: str, labels: list[str]) -> int | None:
         return labels.index(first)
     except ValueError:
         return None
+
+
+def prompt_labels(prompt: str) -> list[str]:
+    """The labels listed in a rendered policy prompt (its last ``# Actions:`` block).
+
+    SFT evaluation reads them back from stored prompts, so scoring uses exactly the labels the data
+    was written with.
+    """
+    block = prompt[prompt.rindex(ACTIONS_HEAD) + len(ACTIONS_HEAD) :]
+    block = block[: block.index("\n\n" + ACTION_HEAD)]
+    return [line.split(". ", 1)[0] for line in block.split("\n") if line]

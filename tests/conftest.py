@@ -1,0 +1,43 @@
+"""Shared fixtures: a private model cache for the whole session, tiny-gpt2 built once, ``--runslow``."""
+
+import os
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes of CPU or a large model; run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow; run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Point REFLECT_RL_CACHE at a temp dir for every test (and subprocess), so ~/.cache is never written."""
+    cache = tmp_path_factory.mktemp("model_cache")
+    previous = os.environ.get("REFLECT_RL_CACHE")
+    os.environ["REFLECT_RL_CACHE"] = str(cache)
+    yield str(cache)
+    if previous is None:
+        os.environ.pop("REFLECT_RL_CACHE", None)
+    else:
+        os.environ["REFLECT_RL_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(model_cache):
+    """The tiny-gpt2 folder, built once per session in the session cache."""
+    from training.models import resolve_model_path
+
+    return resolve_model_path("tiny-gpt2")

