@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import shutil
 import sys
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-ENV_NAMES = ("taxi",)  # grows with envs.ENVS; checked here so a typo fails before any model loads
+# bitsandbytes tries to fetch an optional CPU kernel from the hub at import and warns when it cannot;
+# the built-in kernel it falls back to is what we test, so the warning is noise on every command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class UsageError(Exception):
@@ -190,7 +193,7 @@ class TaxiArguments:
     taxi_stage: str = field(default="full", metadata={"help": "Curriculum stage: pickup, dropoff or full."})
     taxi_horizon: int = field(
         default=15,
-        metadata={"help": "Steps before truncation (paper: 15; at 15, 80.7% of full-stage starts can be finished)."},
+        metadata={"help": "Steps before truncation (paper: 15; at 15, 80.7%% of full-stage starts can be finished)."},
     )
     taxi_danger: bool = field(default=True, metadata={"help": "A step that changes nothing gives -10/20 and ends."})
     taxi_coordinates: bool = field(default=True, metadata={"help": "Add a plain-coordinates line under the grid."})

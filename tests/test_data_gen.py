@@ -193,3 +193,15 @@ def test_api_reflector_gives_up_with_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "failed 2 times" in err and "--reflector_api_base" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_env_dispatch(tmp_path, capsys):
+    from data_gen import gen_sft as dispatch
+
+    out = tmp_path / "d"
+    dispatch.main(["--env", "taxi", "--output_dir", str(out), "--num_episodes", "2", "--num_test_episodes", "0"])
+    assert (out / "train" / "sft.jsonl").exists()
+    with pytest.raises(SystemExit):
+        dispatch.main(["--env", "frozen_lake", "--output_dir", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert "--env 'frozen_lake'" in err and not (tmp_path / "e").exists()
