@@ -304,48 +304,161 @@ class SFTScriptArguments:
 SFT_FILES = {"policy": "sft_policy", "reflector": "sft_reflection", "plain": "sft"}
 
 
-def _sft_config_base():
+def _build_sft_training_arguments():
+    """SFTTrainingArguments subclasses TRL's SFTConfig, and importing trl takes seconds; it is built on
+    first use (see ``__getattr__``) so commands that do not train with TRL start fast."""
     from trl import SFTConfig
 
-    return SFTConfig
+    @dataclass
+    class SFTTrainingArguments(SFTConfig):
+        """TRL's SFTConfig with defaults that run anywhere: bf16 only where the GPU has it, TensorBoard
+        always, the paper's LoRA learning rate (2e-4) and a cosine schedule."""
+
+        output_dir: str = field(default="runs/sft", metadata={"help": "Run folder: adapter, checkpoints, config, metrics."})
+        bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: where CUDA supports it."})
+        learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (paper: 2e-4 with LoRA)."})
+        lr_scheduler_type: str = field(default="cosine", metadata={"help": "LR schedule (cosine avoids late swings)."})
+        warmup_steps: float = field(default=0.03, metadata={"help": "Warm-up: a fraction of steps if < 1, else a count."})
+        num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (max_steps > 0 overrides)."})
+        per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per process."})
+        per_device_eval_batch_size: int = field(default=32, metadata={"help": "Eval batch size per process."})
+        logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+        save_steps: float = field(default=100, metadata={"help": "Checkpoint every N steps."})
+        save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept."})
+        report_to: None | str | list[str] = field(
+            default="tensorboard", metadata={"help": "tensorboard, wandb, trackio or none (metrics.jsonl is always written)."}
+        )
+        overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete output_dir if it holds another run."})
+        activation_checkpointing: bool | None = field(
+            default=False, metadata={"help": "Recompute activations in backward (TRL's default is on; small models run faster off)."}
+        )
+        gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Old name of --activation_checkpointing."})
+        ddp_find_unused_parameters: bool | None = field(
+            default=False, metadata={"help": "DDP graph walk for unused parameters (LoRA and full models use them all)."}
+        )
+
+        def __post_init__(self):
+            import torch
+
+            if self.bf16 is None:
+                self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+            if not torch.cuda.is_available():
+                self.use_cpu = True
+            try:
+                super().__post_init__()
+            except ValueError as err:
+                raise UsageError(str(err).splitlines()[0]) from None
+
+    return SFTTrainingArguments
+
+
+def __getattr__(name: str):
+    if name == "SFTTrainingArguments":
+        cls = _build_sft_training_arguments()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module 'experiment_args' has no attribute {name!r}")
 
 
 @dataclass
-class SFTTrainingArguments(_sft_config_base()):
-    """TRL's SFTConfig with defaults that run anywhere: bf16 only where the GPU has it, TensorBoard
-    always, the paper's LoRA learning rate (2e-4) and a cosine schedule."""
+class RLArguments:
+    """Online RL of the policy with a frozen reflector (training/rl_finetune.py)."""
 
-    output_dir: str = field(default="runs/sft", metadata={"help": "Run folder: adapter, checkpoints, config, metrics."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: where CUDA supports it."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (paper: 2e-4 with LoRA)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "LR schedule (cosine avoids late swings)."})
-    warmup_steps: float = field(default=0.03, metadata={"help": "Warm-up: a fraction of steps if < 1, else a count."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (max_steps > 0 overrides)."})
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per process."})
-    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Eval batch size per process."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    save_steps: float = field(default=100, metadata={"help": "Checkpoint every N steps."})
-    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept."})
-    report_to: None | str | list[str] = field(
-        default="tensorboard", metadata={"help": "tensorboard, wandb, trackio or none (metrics.jsonl is always written)."}
+    output_dir: str = field(default="runs/rl", metadata={"help": "Run folder: config, metrics, checkpoints, episodes."})
+    env: str = field(default="taxi", metadata={"help": "Environment name (envs.ENVS)."})
+    policy_path: str = field(default="", metadata={"help": "SFT policy run folder (adapter or full model)."})
+    reflector_path: str = field(
+        default="", metadata={"help": "SFT reflector run folder; empty runs the no-reflection setting."}
     )
+    algo: str = field(default="ppo", metadata={"help": "ppo (clipped, value head, GAE, KL) or reinforce (the paper's)."})
+    seed: int = field(default=0, metadata={"help": "Seed of everything: episode starts, sampling, LoRA init."})
+    iterations: int = field(default=50, metadata={"help": "Rollout + update rounds."})
+    num_envs: int = field(default=32, metadata={"help": "Episodes per iteration, stepped in lockstep."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate (paper: 2e-4)."})
+    gamma: float = field(default=0.95, metadata={"help": "Discount (paper: 1.0)."})
+    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda (ppo)."})
+    clip_coef: float = field(default=0.2, metadata={"help": "PPO ratio clip."})
+    vf_coef: float = field(default=0.5, metadata={"help": "Value loss weight."})
+    ent_coef: float = field(default=0.0, metadata={"help": "Entropy bonus weight."})
+    kl_coef: float = field(default=0.02, metadata={"help": "Weight of the k3 KL to the frozen SFT policy (0: off)."})
+    target_kl: float = field(default=0.0, metadata={"help": "Stop an update's epochs once approx_kl exceeds it (0: off)."})
+    update_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch (reinforce: 1)."})
+    minibatch_size: int = field(default=64, metadata={"help": "Steps per gradient step."})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping (paper: 0.3)."})
+    reinforce_baseline: str = field(
+        default="mean", metadata={"help": "reinforce only: none (the paper), mean (per-timestep mean return) or value."}
+    )
+    replay_buffer_size: int = field(default=0, metadata={"help": "Successful episodes kept for replay (paper: 50)."})
+    replay_episodes: int = field(default=1, metadata={"help": "Replayed episodes added to each update."})
+    curriculum: str = field(default="", metadata={"help": "Comma-separated stages, e.g. pickup,dropoff,full."})
+    curriculum_switch: float = field(
+        default=0.0,
+        metadata={"help": "0: split iterations evenly between stages; >0: advance once success rate reaches it."},
+    )
+    reflection_max_tokens: int = field(default=48, metadata={"help": "Token cap of one reflection."})
+    save_steps: int = field(default=10, metadata={"help": "Checkpoint every N iterations (and at the end)."})
+    log_episodes: int = field(default=2, metadata={"help": "Decoded episodes written to episodes.jsonl per iteration."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, trackio or none."})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "A checkpoint folder, or 'latest'."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete output_dir if it holds another run."})
-    activation_checkpointing: bool | None = field(
-        default=False, metadata={"help": "Recompute activations in backward (TRL's default is on; small models run faster off)."}
-    )
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Old name of --activation_checkpointing."})
-    ddp_find_unused_parameters: bool | None = field(
-        default=False, metadata={"help": "DDP graph walk for unused parameters (LoRA and full models use them all)."}
-    )
+    max_bad_updates: int = field(default=3, metadata={"help": "Non-finite updates in a row before the run stops."})
 
     def __post_init__(self):
-        import torch
+        if self.algo not in ("ppo", "reinforce"):
+            raise UsageError(f"--algo {self.algo!r} is not one of ppo, reinforce")
+        if self.env not in ("taxi",):
+            raise UsageError(f"--env {self.env!r} is not one of taxi")
+        if not self.policy_path:
+            raise UsageError("--policy_path is required (an SFT run folder from training.sft)")
+        if self.reinforce_baseline not in ("none", "mean", "value"):
+            raise UsageError(f"--reinforce_baseline {self.reinforce_baseline!r} is not one of none, mean, value")
+        for name in ("iterations", "num_envs", "minibatch_size", "update_epochs", "save_steps"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be positive")
+        if self.algo == "reinforce":
+            self.update_epochs = 1
+        if self.curriculum:
+            from envs.taxi import STAGES
 
-        if self.bf16 is None:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        if not torch.cuda.is_available():
-            self.use_cpu = True
-        try:
-            super().__post_init__()
-        except ValueError as err:
-            raise UsageError(str(err).splitlines()[0]) from None
+            bad = [s for s in self.curriculum.split(",") if s not in STAGES]
+            if bad:
+                raise UsageError(f"--curriculum has unknown stage(s) {', '.join(bad)}; use {', '.join(STAGES)}")
+
+
+@dataclass
+class EvalArguments:
+    """Evaluation of a trained policy or a reference agent (evaluation/evaluate.py)."""
+
+    output_dir: str = field(default="runs/eval", metadata={"help": "Where summary.json and episodes.jsonl go."})
+    run_dir: str = field(
+        default="", metadata={"help": "An RL run (its latest checkpoint is used) or an SFT policy run folder."}
+    )
+    reflector_path: str = field(
+        default="", metadata={"help": "SFT reflector folder for an SFT policy (RL runs name their own)."}
+    )
+    agent: str = field(default="model", metadata={"help": "model (the run's policy), random or oracle."})
+    name: str = field(default="", metadata={"help": "Row label in comparisons; default: the output folder's name."})
+    env: str = field(default="taxi", metadata={"help": "Environment name."})
+    stages: str = field(default="", metadata={"help": "Comma-separated stages; default: the env's configured stage."})
+    num_episodes: int = field(default=100, metadata={"help": "Seeded episodes per stage (the same for every run)."})
+    batch_size: int = field(default=50, metadata={"help": "Episodes stepped in lockstep."})
+    greedy: bool = field(default=False, metadata={"help": "Argmax actions instead of sampling (the paper samples)."})
+    seed: int = field(default=123_456, metadata={"help": "Seed of the evaluation episodes (disjoint from training)."})
+    reflection_max_tokens: int = field(default=48, metadata={"help": "Token cap of one reflection."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing evaluation."})
+
+    def __post_init__(self):
+        if self.agent not in ("model", "random", "oracle"):
+            raise UsageError(f"--agent {self.agent!r} is not one of model, random, oracle")
+        if self.agent == "model" and not self.run_dir:
+            raise UsageError("--run_dir is required with --agent model (an RL or SFT run folder)")
+        if self.env not in ("taxi",):
+            raise UsageError(f"--env {self.env!r} is not one of taxi")
+        if self.num_episodes <= 0 or self.batch_size <= 0:
+            raise UsageError("--num_episodes and --batch_size must be positive")
+        if self.stages:
+            from envs.taxi import STAGES
+
+            bad = [s for s in self.stages.split(",") if s not in STAGES]
+            if bad:
+                raise UsageError(f"--stages has unknown stage(s) {', '.join(bad)}; use {', '.join(STAGES)}")

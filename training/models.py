@@ -374,12 +374,15 @@ def action_logprobs(
     n_actions: list[int],
     label_ids: torch.Tensor,
     max_length: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_hidden: bool = False,
+):
     """Log-probs (B, A) of each action label after each prompt, and the policy entropy (B,).
 
     Prompt b has ``n_actions[b]`` admissible actions, labelled by the first ``n_actions[b]`` entries
     of ``label_ids`` (A,); the rest are -inf. The softmax is over the admissible label tokens only
     (Reflect-RL's shrunk head). Differentiable: wrap in ``torch.no_grad()`` when only sampling.
+    With ``return_hidden`` the last layer's state at the last prompt token (B, H) comes third, for a
+    value head on the same forward pass.
     """
     device = _device(model)
     label_ids = torch.as_tensor(label_ids, dtype=torch.long, device=device)  # (A,)
@@ -394,7 +397,12 @@ def action_logprobs(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        output_hidden_states=return_hidden,
+        **kwargs,
     )
     last_logits = out.logits[:, -1, :].float()  # (B, V)
     label_logits = last_logits[:, label_ids]  # (B, A)
@@ -402,6 +410,8 @@ def action_logprobs(
     logprobs = torch.log_softmax(label_logits.masked_fill(inadmissible, float("-inf")), dim=-1)  # (B, A)
     # Zero the -inf entries before multiplying: 0 * -inf is nan, in the value and in the gradient.
     entropy = -(logprobs.exp() * logprobs.masked_fill(inadmissible, 0.0)).sum(-1)  # (B,)
+    if return_hidden:
+        return logprobs, entropy, out.hidden_states[-1][:, -1, :]  # (B, H)
     return logprobs, entropy
 
 

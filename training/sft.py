@@ -207,12 +207,13 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         callbacks=[JsonlLogger(output_dir / "metrics.jsonl")],
     )
-    trainer.train(resume_from_checkpoint=resume)
+    train_output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(output_dir))
 
     results: dict = {"train_examples": len(train_rows), "eval_examples": len(test_rows)}
+    results["train_loss_mean"] = train_output.training_loss
     results["train_loss_last"] = next(
-        (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")
+        (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), train_output.training_loss
     )
     if eval_ds is not None:
         eval_loss = trainer.evaluate()["eval_loss"]

@@ -1,0 +1,136 @@
+"""Evaluate a policy (with or without its reflector) or a reference agent on fixed seeded episodes.
+
+    python -m evaluation.evaluate --run_dir runs/reflect_rl --output_dir runs/reflect_rl/eval
+    python -m evaluation.evaluate --run_dir runs/sft_policy --reflector_path runs/sft_reflector --output_dir runs/eval/sft
+    python -m evaluation.evaluate --agent oracle --output_dir runs/eval/oracle --stages pickup,dropoff,full
+
+The episodes are the same for every run (``--seed``), and they go through ``training.rollout.rollout``,
+the function RL trains with. Writes ``summary.json`` (per stage: success rate with a 95% Wilson
+interval, mean return and length, invalid-action rate) and ``episodes.jsonl`` (full transcripts with
+reflections).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from experiment_args import EvalArguments, TaxiArguments, UsageError, atomic_write_text, cli, parse_args
+from training.players import load_players
+from training.rollout import LMPolicy, OracleAgent, RandomAgent, Reflector, episode_stats, rollout
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (sound at 0% and 100%, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def load_agent(args: EvalArguments):
+    """(agent, reflector or None, description) for the evaluated run."""
+    if args.agent == "random":
+        return RandomAgent(args.seed), None, {"reflection": False}
+    if args.agent == "oracle":
+        return OracleAgent(), None, {"reflection": False}
+    run = Path(args.run_dir)
+    config_path = run / "config.yaml"
+    if not config_path.exists():
+        raise UsageError(f"--run_dir {run} has no config.yaml; pass a folder from training.sft or training.rl_finetune")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    checkpoint = None
+    if "policy_path" in config:  # an RL run: its SFT players, then the latest checkpoint's policy
+        from training.rl_finetune import latest_checkpoint, load_policy_weights
+
+        checkpoint = latest_checkpoint(run)
+        if checkpoint is None:
+            raise UsageError(f"--run_dir {run} has no checkpoint-N folder yet")
+        policy_path, reflector_path = config["policy_path"], config.get("reflector_path", "")
+    else:
+        policy_path, reflector_path = str(run), args.reflector_path
+    players = load_players(policy_path, reflector_path, with_reference=False, trainable=False)
+    if checkpoint is not None:
+        load_policy_weights(checkpoint, players)
+    policy = LMPolicy(players.policy_model, players.tokenizer, None, players.policy_adapter)
+    reflector = None
+    if players.reflector_model is not None:
+        reflector = Reflector(players.reflector_model, players.tokenizer, players.reflector_adapter,
+                              args.reflection_max_tokens)
+    meta = {"reflection": reflector is not None, "policy_path": policy_path, "reflector_path": reflector_path,
+            "checkpoint": str(checkpoint) if checkpoint else None}
+    return policy, reflector, meta
+
+
+def summarise(episodes) -> dict:
+    n = len(episodes)
+    wins = sum(e.success for e in episodes)
+    returns = np.array([e.ret for e in episodes])
+    stats = episode_stats(episodes)
+    return {
+        "episodes": n,
+        "success_rate": wins / n,
+        "success_ci95": list(wilson_interval(wins, n)),
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "length_mean": stats["env/episode_length"],
+        "invalid_action_rate": stats["env/invalid_action_rate"],
+    }
+
+
+@cli
+def main(argv: list[str] | None = None) -> dict:
+    args, taxi_args = parse_args((EvalArguments, TaxiArguments), argv)
+    output_dir = Path(args.output_dir)
+    if (output_dir / "summary.json").exists() and not args.overwrite_output_dir:
+        raise UsageError(f"{output_dir} already holds an evaluation; pass another --output_dir or --overwrite_output_dir")
+    agent, reflector, meta = load_agent(args)
+    stages = args.stages.split(",") if args.stages else [taxi_args.taxi_stage]
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the reflector samples from the global generator
+    summary = {"name": args.name or output_dir.name, "agent": args.agent, "run_dir": args.run_dir,
+               "greedy": args.greedy, **meta, "stages": {}}
+    tmp = Path(tempfile.mkdtemp(prefix=".eval.", dir=output_dir.parent if output_dir.parent.exists() else None))
+    try:
+        with open(tmp / "episodes.jsonl", "w") as transcripts:
+            for stage in stages:
+                episodes = []
+                bar = tqdm(total=args.num_episodes, desc=f"eval {summary['name']} {stage}", unit="ep")
+                for start in range(0, args.num_episodes, args.batch_size):
+                    seeds = [args.seed + i for i in range(start, min(start + args.batch_size, args.num_episodes))]
+                    envs = [taxi_args.make_env(stage) for _ in seeds]
+                    batch = rollout(envs, seeds, agent, reflector, None, greedy=args.greedy, generator=generator)
+                    episodes += batch
+                    bar.update(len(batch))
+                bar.close()
+                for ep in episodes:
+                    transcripts.write(json.dumps(ep.transcript()) + "\n")
+                summary["stages"][stage] = summarise(episodes)
+                s = summary["stages"][stage]
+                print(f"{summary['name']} {stage}: success {s['success_rate']:.3f} "
+                      f"[{s['success_ci95'][0]:.3f}, {s['success_ci95'][1]:.3f}], return {s['return_mean']:.3f}, "
+                      f"length {s['length_mean']:.2f}")
+        atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2))
+        if output_dir.exists():
+            for name in ("summary.json", "episodes.jsonl"):
+                (output_dir / name).unlink(missing_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("episodes.jsonl", "summary.json"):  # summary last: it marks a finished evaluation
+            shutil.move(str(tmp / name), output_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Evaluation: reference agents, the Wilson interval, outputs and bad input."""
+
+import json
+
+import pytest
+
+from evaluation import evaluate
+from evaluation.evaluate import wilson_interval
+
+
+def test_wilson_interval_by_hand():
+    low, high = wilson_interval(0, 100)
+    assert low == 0.0 and high == pytest.approx(0.0370, abs=1e-4)
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert wilson_interval(100, 100)[1] == pytest.approx(1.0)
+
+
+def test_oracle_succeeds_everywhere_it_can(tmp_path):
+    summary = evaluate.main(["--agent", "oracle", "--output_dir", str(tmp_path / "oracle"), "--num_episodes", "40",
+                             "--stages", "pickup,dropoff"])
+    for stage in ("pickup", "dropoff"):
+        assert summary["stages"][stage]["success_rate"] == 1.0
+        assert summary["stages"][stage]["invalid_action_rate"] == 0.0
+    # with a horizon long enough for every start, the full task too
+    summary = evaluate.main(["--agent", "oracle", "--output_dir", str(tmp_path / "o2"), "--num_episodes", "40",
+                             "--stages", "full", "--taxi_horizon", "20"])
+    assert summary["stages"]["full"]["success_rate"] == 1.0
+
+
+def test_random_agent_rarely_succeeds_and_outputs_are_written(tmp_path):
+    out = tmp_path / "random"
+    summary = evaluate.main(["--agent", "random", "--output_dir", str(out), "--num_episodes", "60",
+                             "--stages", "dropoff", "--batch_size", "16"])
+    stage = summary["stages"]["dropoff"]
+    assert stage["success_rate"] < 0.1 and stage["episodes"] == 60
+    assert stage["success_ci95"][0] <= stage["success_rate"] <= stage["success_ci95"][1]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    episodes = [json.loads(line) for line in open(out / "episodes.jsonl")]
+    assert len(episodes) == 60 and all(e["steps"] for e in episodes)
+    # the same seeds give the same episodes
+    again = evaluate.main(["--agent", "random", "--output_dir", str(tmp_path / "r2"), "--num_episodes", "60",
+                           "--stages", "dropoff", "--batch_size", "16"])
+    assert again["stages"] == summary["stages"]
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--agent", "expert"], "--agent"),
+        (["--agent", "model"], "--run_dir"),
+        (["--agent", "oracle", "--stages", "pickup,teleport"], "--stages"),
+        (["--run_dir", "/nonexistent/run"], "--run_dir"),
+    ],
+)
+def test_bad_eval_flags(tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--output_dir", str(tmp_path / "e"), *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and not (tmp_path / "e").exists()

@@ -1,0 +1,158 @@
+"""Online RL: returns/GAE and the PPO loss by hand, which weights train, resume, non-finite updates."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_gen.taxi import gen_sft
+from training import rl_finetune, sft
+from training.rl_finetune import Curriculum, discounted_returns, gae, k3_kl, ppo_losses
+
+
+def test_discounted_returns_three_steps():
+    assert discounted_returns([1.0, 0.0, 2.0], 0.5) == pytest.approx([1.5, 1.0, 2.0])
+
+
+def test_gae_three_steps_by_hand():
+    rewards, values, gamma, lam = [1.0, 0.0, 2.0], [0.5, 1.0, 1.5], 0.9, 0.8
+    # deltas: r_t + gamma * V_{t+1} - V_t, with V after the last step = 0
+    d2 = 2.0 - 1.5
+    d1 = 0.0 + 0.9 * 1.5 - 1.0
+    d0 = 1.0 + 0.9 * 1.0 - 0.5
+    a2 = d2
+    a1 = d1 + 0.9 * 0.8 * a2
+    a0 = d0 + 0.9 * 0.8 * a1
+    adv, ret = gae(rewards, values, gamma, lam)
+    assert adv == pytest.approx([a0, a1, a2])
+    assert ret == pytest.approx([a0 + 0.5, a1 + 1.0, a2 + 1.5])
+    # lambda = 1 gives Monte-Carlo returns
+    _, mc = gae(rewards, values, gamma, 1.0)
+    assert mc == pytest.approx(discounted_returns(rewards, gamma))
+
+
+def test_ppo_loss_hand_made_batch():
+    old = torch.log(torch.tensor([0.5, 0.5, 0.5]))
+    new = torch.log(torch.tensor([0.75, 0.25, 0.5]))  # ratios 1.5, 0.5, 1.0
+    adv = torch.tensor([1.0, 1.0, -1.0])
+    loss, stats = ppo_losses(new, old, adv, clip_coef=0.2)
+    # per sample max(-A r, -A clip(r)): -min(1.5, 1.2) = -1.2; -min(0.5, 0.8) = -0.5; max(1.0, 1.0) = 1.0
+    assert float(loss) == pytest.approx((-1.2 - 0.5 + 1.0) / 3)
+    assert stats["policy/clipfrac"] == pytest.approx(2 / 3)
+    assert stats["policy/approx_kl"] > 0
+
+
+def test_k3_kl_is_zero_at_equal_and_positive_otherwise():
+    lp = torch.log(torch.tensor([0.2, 0.7]))
+    assert torch.allclose(k3_kl(lp, lp), torch.zeros(2))
+    assert bool((k3_kl(lp, torch.log(torch.tensor([0.5, 0.1]))) > 0).all())
+
+
+def test_curriculum_switches_by_iteration_and_by_success():
+    c = Curriculum(["pickup", "dropoff", "full"], iterations=6, threshold=0)
+    seen = []
+    for it in range(6):
+        seen.append(c.stage)
+        c.update(it, 0.0)
+    assert seen == ["pickup", "pickup", "dropoff", "dropoff", "full", "full"]
+    c = Curriculum(["pickup", "full"], iterations=100, threshold=0.8)
+    assert not c.update(0, 0.5) and c.stage == "pickup"
+    assert c.update(1, 0.9) and c.stage == "full"
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory, model_cache):
+    root = tmp_path_factory.mktemp("rl_sft")
+    data = root / "data"
+    gen_sft.main(["--output_dir", str(data), "--num_episodes", "10", "--num_test_episodes", "2"])
+    runs = {}
+    for role in ("reflector", "policy", "plain"):
+        runs[role] = root / role
+        sft.main(["--role", role, "--data_dir", str(data), "--output_dir", str(runs[role]), "--max_steps", "3",
+                  "--per_device_train_batch_size", "4", "--report_to", "none", "--max_eval_samples", "0",
+                  "--learning_rate", "1e-2"])
+    return runs
+
+
+def rl(out, runs, *flags, reflect=True):
+    base = ["--policy_path", str(runs["policy" if reflect else "plain"]), "--output_dir", str(out),
+            "--num_envs", "4", "--reflection_max_tokens", "8", "--report_to", "none", "--taxi_stage", "pickup",
+            "--minibatch_size", "8"]
+    if reflect:
+        base += ["--reflector_path", str(runs["reflector"])]
+    return rl_finetune.main(base + list(flags))
+
+
+def test_rl_trains_policy_adapter_only(sft_runs, tmp_path):
+    out = tmp_path / "rl"
+    history = rl(out, sft_runs, "--iterations", "2", "--save_steps", "2", "--learning_rate", "1e-2")
+    assert len(history) == 2 and {"env/success_rate", "policy/clipfrac", "objective/kl"} <= set(history[-1])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    before = load_file(sft_runs["policy"] / "adapter_model.safetensors")
+    after_dir = out / "checkpoint-2" / "policy"
+    after_file = next(after_dir.rglob("adapter_model.safetensors"))
+    after = load_file(after_file)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the reflector and the base are frozen: the shared model's reflector weights are the SFT ones
+    from training.players import load_players
+
+    players = load_players(str(sft_runs["policy"]), str(sft_runs["reflector"]))
+    trainable = {n for n, p in players.policy_model.named_parameters() if p.requires_grad}
+    assert trainable and all(".policy." in n for n in trainable)
+    episodes = [json.loads(line) for line in open(out / "episodes.jsonl")]
+    assert episodes and episodes[0]["steps"][0]["reflection"] is not None
+
+
+def test_rl_without_reflection_and_reinforce(sft_runs, tmp_path):
+    history = rl(tmp_path / "plain", sft_runs, "--iterations", "1", "--algo", "reinforce", "--kl_coef", "0",
+                 reflect=False)
+    assert "policy/clipfrac" not in history[0] and "loss/policy" in history[0]
+    episodes = [json.loads(line) for line in open(tmp_path / "plain" / "episodes.jsonl")]
+    assert episodes[0]["steps"][0]["reflection"] is None
+
+
+def test_resume_gives_identical_metrics(sft_runs, tmp_path):
+    flags = ["--iterations", "4", "--save_steps", "2", "--learning_rate", "1e-2", "--replay_buffer_size", "5"]
+    full = rl(tmp_path / "full", sft_runs, *flags)
+    part = tmp_path / "part"
+    rl(part, sft_runs, *flags)
+    import shutil
+
+    shutil.rmtree(part / "checkpoint-4")  # as if the run died after iteration 2's checkpoint
+    resumed = rl(part, sft_runs, *flags, "--resume_from_checkpoint", "latest")
+    assert len(resumed) == 2
+    timing = ("timing/", "env/steps_per_s")
+    for a, b in zip(full[2:], resumed):
+        for key in a:
+            if isinstance(a[key], str):
+                assert a[key] == b[key]
+            elif not key.startswith(timing):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    rows = [json.loads(line) for line in open(part / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_non_finite_updates_are_skipped_then_stop(sft_runs, tmp_path, monkeypatch, capsys):
+    def nan_losses(new, old, adv, clip):
+        return new.sum() * float("nan"), {}
+
+    monkeypatch.setattr(rl_finetune, "ppo_losses", nan_losses)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit):
+        rl(out, sft_runs, "--iterations", "3", "--max_bad_updates", "2")
+    assert "non-finite" in capsys.readouterr().err
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert rows[0]["train/skipped_updates"] >= 1
+    assert list(out.glob("checkpoint-*"))
+
+
+def test_bad_rl_flags(sft_runs, tmp_path, capsys):
+    for flags, needle in ((["--algo", "a2c"], "--algo"), (["--policy_path", str(tmp_path / "none")], "--policy_path"),
+                          (["--curriculum", "pickup,fly"], "--curriculum")):
+        with pytest.raises(SystemExit):
+            rl_finetune.main(["--policy_path", str(sft_runs["policy"]), "--output_dir", str(tmp_path / "x"), *flags])
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "x").exists()

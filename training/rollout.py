@@ -1,0 +1,257 @@
+"""One batched rollout, shared by RL and evaluation, so what is evaluated is exactly what was trained.
+
+N environments step in lockstep. At each step the frozen reflector (if any) writes a reflection for
+every live environment, the agent reads state + reflection + labelled actions and picks one label,
+and every environment steps. Each step keeps what an update needs: the prompt, the action, its
+log-prob under the behaviour policy, the value estimate, the reference log-prob, the entropy, the
+reward and the done flags (the paper's ``batched_answer``).
+
+Agents share one small interface, ``act(envs, observations, prompts) -> Decision``: the LM policy,
+and the random and oracle reference agents.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from envs.base import Observation, TextEnv
+from envs.prompt import action_labels, label_token_ids, policy_prompt, reflection_prompt
+from training.models import action_logprobs, generate_text, use_adapter
+
+
+@dataclass
+class Step:
+    prompt: str
+    n_actions: int
+    action: int | None  # index into the admissible actions; None = invalid
+    logprob: float
+    entropy: float
+    value: float
+    ref_logprob: float
+    reward: float
+    terminated: bool
+    truncated: bool
+    invalid: bool
+    reflection: str | None = None
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Episode:
+    seed: int
+    stage: str
+    steps: list[Step] = field(default_factory=list)
+    success: bool = False
+
+    @property
+    def ret(self) -> float:
+        return sum(s.reward for s in self.steps)
+
+    def transcript(self) -> dict:
+        """A JSON-ready record: every prompt, reflection, action and reward."""
+        return {
+            "seed": self.seed,
+            "stage": self.stage,
+            "success": self.success,
+            "return": self.ret,
+            "length": len(self.steps),
+            "steps": [
+                {
+                    "prompt": s.prompt,
+                    "reflection": s.reflection,
+                    "action": s.action,
+                    "label": s.labels[s.action] if s.action is not None and s.labels else None,
+                    "prob": math.exp(s.logprob) if math.isfinite(s.logprob) else None,
+                    "reward": s.reward,
+                    "invalid": s.invalid,
+                }
+                for s in self.steps
+            ],
+        }
+
+
+@dataclass
+class Decision:
+    """An agent's choice for each live environment: action index (None = invalid) and statistics."""
+
+    actions: list[int | None]
+    logprobs: list[float]
+    entropies: list[float]
+    values: list[float]
+
+
+def _adapter_scope(model, adapter: str | None):
+    return use_adapter(model, adapter) if adapter else _null()
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class LMPolicy:
+    """The policy model: samples (or takes the argmax of) one label over the admissible actions.
+
+    ``value_head`` maps the last prompt token's hidden state to a value (PPO); ``adapter`` names the
+    policy's LoRA adapter when several share one base.
+    """
+
+    def __init__(self, model, tokenizer, value_head=None, adapter: str | None = None, max_length: int | None = None):
+        self.model, self.tokenizer, self.value_head = model, tokenizer, value_head
+        self.adapter, self.max_length = adapter, max_length
+        self._labels: list[str] = []
+
+    def labels(self, n: int) -> list[str]:
+        if len(self._labels) < n:
+            self._labels = action_labels(max(n, 10), self.tokenizer)
+        return self._labels[:n]
+
+    def score(self, prompts: list[str], n_actions: list[int]):
+        """(logprobs (B, A), entropy (B,), values (B,) or None); differentiable."""
+        labels = self.labels(max(n_actions))
+        ids = torch.tensor(label_token_ids(self.tokenizer, labels))
+        with _adapter_scope(self.model, self.adapter):
+            if self.value_head is None:
+                logprobs, entropy = action_logprobs(self.model, self.tokenizer, prompts, n_actions, ids, self.max_length)
+                return logprobs, entropy, None
+            logprobs, entropy, hidden = action_logprobs(
+                self.model, self.tokenizer, prompts, n_actions, ids, self.max_length, return_hidden=True
+            )
+        values = self.value_head(hidden.to(next(self.value_head.parameters()).dtype)).squeeze(-1)  # (B,)
+        return logprobs, entropy, values
+
+    @torch.no_grad()
+    def act(self, envs, observations, prompts, greedy: bool, generator: torch.Generator) -> Decision:
+        n_actions = [len(o.actions) for o in observations]
+        logprobs, entropy, values = self.score(prompts, n_actions)
+        logprobs = logprobs.float().cpu()
+        actions: list[int | None] = []
+        chosen: list[float] = []
+        for b in range(len(prompts)):
+            row = logprobs[b, : n_actions[b]]
+            if not torch.isfinite(row.exp().sum()) or not bool(torch.isfinite(row).any()):
+                actions.append(None)  # non-finite logits: an invalid action, counted by the env
+                chosen.append(float("nan"))
+                continue
+            a = int(row.argmax()) if greedy else int(torch.multinomial(row.exp(), 1, generator=generator))
+            actions.append(a)
+            chosen.append(float(row[a]))
+        vals = values.float().cpu().tolist() if values is not None else [0.0] * len(prompts)
+        return Decision(actions, chosen, entropy.float().cpu().tolist(), vals)
+
+
+class Reflector:
+    """The frozen reflection model: writes the text after ``# Analyze:``, up to EOS or a token cap."""
+
+    def __init__(self, model, tokenizer, adapter: str | None = None, max_new_tokens: int = 48,
+                 temperature: float = 1.0, greedy: bool = False):
+        self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
+        self.max_new_tokens, self.temperature, self.greedy = max_new_tokens, temperature, greedy
+
+    @torch.no_grad()
+    def reflect(self, observations: list[Observation]) -> list[str]:
+        prompts = [reflection_prompt(o) for o in observations]
+        with _adapter_scope(self.model, self.adapter):
+            texts = generate_text(self.model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
+                                  greedy=self.greedy, stop_strings=["\n\n#", "# Action"])
+        return [t.strip() for t in texts]
+
+
+class RandomAgent:
+    """Uniform over the admissible actions (a reference point in evaluation)."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = random.Random(seed)
+
+    def labels(self, n: int) -> list[str]:
+        return action_labels(n)
+
+    def act(self, envs, observations, prompts, greedy, generator) -> Decision:
+        actions = [self.rng.randrange(len(o.actions)) for o in observations]
+        lps = [-math.log(len(o.actions)) for o in observations]
+        ents = [math.log(len(o.actions)) for o in observations]
+        return Decision(actions, lps, ents, [0.0] * len(observations))
+
+
+class OracleAgent:
+    """The environment's expert (Taxi: the BFS oracle); an upper reference in evaluation."""
+
+    def labels(self, n: int) -> list[str]:
+        return action_labels(n)
+
+    def act(self, envs, observations, prompts, greedy, generator) -> Decision:
+        n = len(observations)
+        return Decision([env.oracle_action() for env in envs], [0.0] * n, [0.0] * n, [0.0] * n)
+
+
+def rollout(
+    envs: list[TextEnv],
+    seeds: list[int],
+    agent,
+    reflector: Reflector | None = None,
+    reference: LMPolicy | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> list[Episode]:
+    """Run one episode in each env (seeded by ``seeds``) in lockstep; returns the episodes in order.
+
+    ``reflector=None`` is the no-reflection setting: the prompt has no ``# Analyze:`` section.
+    ``reference`` (the frozen SFT policy) adds ``ref_logprob`` to each step for the KL term.
+    """
+    if len(envs) != len(seeds):
+        raise ValueError("one seed per environment")
+    generator = generator or torch.Generator().manual_seed(0)
+    observations = [env.reset(seed=seed) for env, seed in zip(envs, seeds)]
+    episodes = [Episode(seed=seed, stage=getattr(env, "stage", "")) for env, seed in zip(envs, seeds)]
+    live = list(range(len(envs)))
+    while live:
+        obs = [observations[i] for i in live]
+        reflections = reflector.reflect(obs) if reflector is not None else [None] * len(live)
+        labels = [agent.labels(len(o.actions)) for o in obs]
+        prompts = [policy_prompt(o, lab, r) for o, lab, r in zip(obs, labels, reflections)]
+        decision = agent.act([envs[i] for i in live], obs, prompts, greedy, generator)
+        ref_logprobs = [0.0] * len(live)
+        if reference is not None:
+            with torch.no_grad():
+                ref, _, _ = reference.score(prompts, [len(o.actions) for o in obs])
+            ref_logprobs = [float(ref[b, a]) if a is not None else 0.0 for b, a in enumerate(decision.actions)]
+        still_live = []
+        for b, i in enumerate(live):
+            action = decision.actions[b]
+            next_obs, reward, terminated, truncated, info = envs[i].step(action)
+            episodes[i].steps.append(
+                Step(
+                    prompt=prompts[b], n_actions=len(obs[b].actions), action=action, logprob=decision.logprobs[b],
+                    entropy=decision.entropies[b], value=decision.values[b], ref_logprob=ref_logprobs[b],
+                    reward=float(reward), terminated=bool(terminated), truncated=bool(truncated),
+                    invalid=bool(info.get("invalid_action", action is None)), reflection=reflections[b],
+                    labels=labels[b],
+                )
+            )
+            observations[i] = next_obs
+            if terminated or truncated:
+                episodes[i].success = bool(info.get("success", False))
+            else:
+                still_live.append(i)
+        live = still_live
+    return episodes
+
+
+def episode_stats(episodes: list[Episode]) -> dict[str, float]:
+    """Namespaced environment metrics of a batch of episodes."""
+    steps = [s for e in episodes for s in e.steps]
+    n = max(len(episodes), 1)
+    return {
+        "env/success_rate": sum(e.success for e in episodes) / n,
+        "env/return": sum(e.ret for e in episodes) / n,
+        "env/episode_length": sum(len(e.steps) for e in episodes) / n,
+        "env/invalid_action_rate": sum(s.invalid for s in steps) / max(len(steps), 1),
+        "env/steps": float(len(steps)),
+    }
