@@ -19,13 +19,9 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# Until the RL issue lands, the demo is the SFT half of the pipeline on the embedded tiny-gpt2.
+# The whole pipeline on the embedded tiny-gpt2 (scripts/demo.sh says each step).
 demo: $(STAMP)
-	$(PY) -m data_gen.taxi.gen_sft --output_dir $(RUN)/data
-	$(PY) -m training.sft --role reflector --data_dir $(RUN)/data --output_dir $(RUN)/sft_reflector \
-		--use_peft false --learning_rate 1e-3 --num_train_epochs 1
-	$(PY) -m training.sft --role policy --data_dir $(RUN)/data --output_dir $(RUN)/sft_policy \
-		--use_peft false --learning_rate 1e-3 --num_train_epochs 1
+	PYTHON=$(PY) bash scripts/demo.sh $(RUN)
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

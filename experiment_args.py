@@ -14,9 +14,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 # bitsandbytes tries to fetch an optional CPU kernel from the hub at import and warns when it cannot;
 # the built-in kernel it falls back to is what we test, so the warning is noise on every command.
@@ -103,8 +103,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def check_output_dir(output_dir: str | Path, config: dict, flag: str = "--output_dir", overwrite: bool = False,
-                     compare_ignore: tuple[str, ...] = ()) -> bool:
+def check_output_dir(
+    output_dir: str | Path,
+    config: dict,
+    flag: str = "--output_dir",
+    overwrite: bool = False,
+    compare_ignore: tuple[str, ...] = (),
+) -> bool:
     """Refuse to mix two runs in one folder.
 
     Returns True when ``output_dir`` already holds a run with the same config (the caller may resume
@@ -157,10 +162,14 @@ class ModelArguments:
         },
     )
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8-bit (bitsandbytes); needs LoRA."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in 4-bit NF4 (bitsandbytes); needs LoRA."})
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load the base in 4-bit NF4 (bitsandbytes); needs LoRA."}
+    )
     dtype: str = field(
         default="auto",
-        metadata={"help": "Weights dtype: auto (bf16 where the GPU supports it, else fp32), float32, bfloat16, float16."},
+        metadata={
+            "help": "Weights dtype: auto (bf16 where the GPU supports it, else fp32), float32, bfloat16, float16."
+        },
     )
     use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters; false trains all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -179,7 +188,9 @@ class ModelArguments:
             raise UsageError("--load_in_8bit and --load_in_4bit are exclusive; pass only one")
         if (self.load_in_8bit or self.load_in_4bit) and not self.use_peft:
             # A quantised model has no trainable weights of its own (transformers#30526).
-            raise UsageError("a quantised base can only be trained through LoRA; drop --use_peft false or the 8/4-bit flag")
+            raise UsageError(
+                "a quantised base can only be trained through LoRA; drop --use_peft false or the 8/4-bit flag"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UsageError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
         if self.lora_r <= 0:
@@ -229,7 +240,9 @@ class ReflectorAPIArguments:
     reflector_api_base: str = field(
         default="", metadata={"help": "Base URL of an OpenAI-compatible server (default: the openai client's)."}
     )
-    reflector_model: str = field(default="gpt-4o-mini-2024-07-18", metadata={"help": "Chat model name (pin a dated one)."})
+    reflector_model: str = field(
+        default="gpt-4o-mini-2024-07-18", metadata={"help": "Chat model name (pin a dated one)."}
+    )
     reflector_api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "Environment variable that holds the API key (never logged)."}
     )
@@ -264,7 +277,9 @@ class DataGenArguments:
     )
     negative_rate: float = field(
         default=0.3,
-        metadata={"help": "Per step, the chance to add a negative example: a wrong move, then a corrective reflection."},
+        metadata={
+            "help": "Per step, the chance to add a negative example: a wrong move, then a corrective reflection."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the episode starts and random actions."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir from a different run."})
@@ -314,11 +329,17 @@ def _build_sft_training_arguments():
         """TRL's SFTConfig with defaults that run anywhere: bf16 only where the GPU has it, TensorBoard
         always, the paper's LoRA learning rate (2e-4) and a cosine schedule."""
 
-        output_dir: str = field(default="runs/sft", metadata={"help": "Run folder: adapter, checkpoints, config, metrics."})
-        bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: where CUDA supports it."})
+        output_dir: str = field(
+            default="runs/sft", metadata={"help": "Run folder: adapter, checkpoints, config, metrics."}
+        )
+        bf16: bool | None = field(
+            default=None, metadata={"help": "bf16 mixed precision; default: where CUDA supports it."}
+        )
         learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (paper: 2e-4 with LoRA)."})
         lr_scheduler_type: str = field(default="cosine", metadata={"help": "LR schedule (cosine avoids late swings)."})
-        warmup_steps: float = field(default=0.03, metadata={"help": "Warm-up: a fraction of steps if < 1, else a count."})
+        warmup_steps: float = field(
+            default=0.03, metadata={"help": "Warm-up: a fraction of steps if < 1, else a count."}
+        )
         num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (max_steps > 0 overrides)."})
         per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per process."})
         per_device_eval_batch_size: int = field(default=32, metadata={"help": "Eval batch size per process."})
@@ -326,15 +347,22 @@ def _build_sft_training_arguments():
         save_steps: float = field(default=100, metadata={"help": "Checkpoint every N steps."})
         save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept."})
         report_to: None | str | list[str] = field(
-            default="tensorboard", metadata={"help": "tensorboard, wandb, trackio or none (metrics.jsonl is always written)."}
+            default="tensorboard",
+            metadata={"help": "tensorboard, wandb, trackio or none (metrics.jsonl is always written)."},
         )
-        overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete output_dir if it holds another run."})
+        overwrite_output_dir: bool = field(
+            default=False, metadata={"help": "Delete output_dir if it holds another run."}
+        )
         activation_checkpointing: bool | None = field(
-            default=False, metadata={"help": "Recompute activations in backward (TRL's default is on; small models run faster off)."}
+            default=False,
+            metadata={"help": "Recompute activations in backward (TRL's default is on; small models run faster off)."},
         )
-        gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Old name of --activation_checkpointing."})
+        gradient_checkpointing: bool | None = field(
+            default=None, metadata={"help": "Old name of --activation_checkpointing."}
+        )
         ddp_find_unused_parameters: bool | None = field(
-            default=False, metadata={"help": "DDP graph walk for unused parameters (LoRA and full models use them all)."}
+            default=False,
+            metadata={"help": "DDP graph walk for unused parameters (LoRA and full models use them all)."},
         )
 
         def __post_init__(self):
@@ -349,6 +377,9 @@ def _build_sft_training_arguments():
             except ValueError as err:
                 raise UsageError(str(err).splitlines()[0]) from None
 
+    # Trainer pickles its args into every checkpoint; pickle finds the class by this name through
+    # the module-level __getattr__ below.
+    SFTTrainingArguments.__qualname__ = "SFTTrainingArguments"
     return SFTTrainingArguments
 
 
@@ -364,13 +395,17 @@ def __getattr__(name: str):
 class RLArguments:
     """Online RL of the policy with a frozen reflector (training/rl_finetune.py)."""
 
-    output_dir: str = field(default="runs/rl", metadata={"help": "Run folder: config, metrics, checkpoints, episodes."})
+    output_dir: str = field(
+        default="runs/rl", metadata={"help": "Run folder: config, metrics, checkpoints, episodes."}
+    )
     env: str = field(default="taxi", metadata={"help": "Environment name (envs.ENVS)."})
     policy_path: str = field(default="", metadata={"help": "SFT policy run folder (adapter or full model)."})
     reflector_path: str = field(
         default="", metadata={"help": "SFT reflector run folder; empty runs the no-reflection setting."}
     )
-    algo: str = field(default="ppo", metadata={"help": "ppo (clipped, value head, GAE, KL) or reinforce (the paper's)."})
+    algo: str = field(
+        default="ppo", metadata={"help": "ppo (clipped, value head, GAE, KL) or reinforce (the paper's)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of everything: episode starts, sampling, LoRA init."})
     iterations: int = field(default=50, metadata={"help": "Rollout + update rounds."})
     num_envs: int = field(default=32, metadata={"help": "Episodes per iteration, stepped in lockstep."})
@@ -381,12 +416,15 @@ class RLArguments:
     vf_coef: float = field(default=0.5, metadata={"help": "Value loss weight."})
     ent_coef: float = field(default=0.0, metadata={"help": "Entropy bonus weight."})
     kl_coef: float = field(default=0.02, metadata={"help": "Weight of the k3 KL to the frozen SFT policy (0: off)."})
-    target_kl: float = field(default=0.0, metadata={"help": "Stop an update's epochs once approx_kl exceeds it (0: off)."})
+    target_kl: float = field(
+        default=0.0, metadata={"help": "Stop an update's epochs once approx_kl exceeds it (0: off)."}
+    )
     update_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch (reinforce: 1)."})
     minibatch_size: int = field(default=64, metadata={"help": "Steps per gradient step."})
     max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping (paper: 0.3)."})
     reinforce_baseline: str = field(
-        default="mean", metadata={"help": "reinforce only: none (the paper), mean (per-timestep mean return) or value."}
+        default="mean",
+        metadata={"help": "reinforce only: none (the paper), mean (per-timestep mean return) or value."},
     )
     replay_buffer_size: int = field(default=0, metadata={"help": "Successful episodes kept for replay (paper: 50)."})
     replay_episodes: int = field(default=1, metadata={"help": "Replayed episodes added to each update."})
@@ -396,8 +434,13 @@ class RLArguments:
         metadata={"help": "0: split iterations evenly between stages; >0: advance once success rate reaches it."},
     )
     reflection_max_tokens: int = field(default=48, metadata={"help": "Token cap of one reflection."})
+    shuffle_labels: bool = field(
+        default=False, metadata={"help": "Draw fresh random action labels every step (the paper's shuffle_action)."}
+    )
     save_steps: int = field(default=10, metadata={"help": "Checkpoint every N iterations (and at the end)."})
-    log_episodes: int = field(default=2, metadata={"help": "Decoded episodes written to episodes.jsonl per iteration."})
+    log_episodes: int = field(
+        default=2, metadata={"help": "Decoded episodes written to episodes.jsonl per iteration."}
+    )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, trackio or none."})
     resume_from_checkpoint: str = field(default="", metadata={"help": "A checkpoint folder, or 'latest'."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete output_dir if it holds another run."})

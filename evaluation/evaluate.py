@@ -1,7 +1,8 @@
 """Evaluate a policy (with or without its reflector) or a reference agent on fixed seeded episodes.
 
     python -m evaluation.evaluate --run_dir runs/reflect_rl --output_dir runs/reflect_rl/eval
-    python -m evaluation.evaluate --run_dir runs/sft_policy --reflector_path runs/sft_reflector --output_dir runs/eval/sft
+    python -m evaluation.evaluate --run_dir runs/sft_policy --reflector_path runs/sft_reflector \
+        --output_dir runs/eval/sft
     python -m evaluation.evaluate --agent oracle --output_dir runs/eval/oracle --stages pickup,dropoff,full
 
 The episodes are the same for every run (``--seed``), and they go through ``training.rollout.rollout``,
@@ -47,7 +48,9 @@ def load_agent(args: EvalArguments):
     run = Path(args.run_dir)
     config_path = run / "config.yaml"
     if not config_path.exists():
-        raise UsageError(f"--run_dir {run} has no config.yaml; pass a folder from training.sft or training.rl_finetune")
+        raise UsageError(
+            f"--run_dir {run} has no config.yaml; pass a folder from training.sft or training.rl_finetune"
+        )
     config = yaml.safe_load(config_path.read_text()) or {}
     checkpoint = None
     if "policy_path" in config:  # an RL run: its SFT players, then the latest checkpoint's policy
@@ -65,10 +68,15 @@ def load_agent(args: EvalArguments):
     policy = LMPolicy(players.policy_model, players.tokenizer, None, players.policy_adapter)
     reflector = None
     if players.reflector_model is not None:
-        reflector = Reflector(players.reflector_model, players.tokenizer, players.reflector_adapter,
-                              args.reflection_max_tokens)
-    meta = {"reflection": reflector is not None, "policy_path": policy_path, "reflector_path": reflector_path,
-            "checkpoint": str(checkpoint) if checkpoint else None}
+        reflector = Reflector(
+            players.reflector_model, players.tokenizer, players.reflector_adapter, args.reflection_max_tokens
+        )
+    meta = {
+        "reflection": reflector is not None,
+        "policy_path": policy_path,
+        "reflector_path": reflector_path,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
     return policy, reflector, meta
 
 
@@ -93,13 +101,21 @@ def main(argv: list[str] | None = None) -> dict:
     args, taxi_args = parse_args((EvalArguments, TaxiArguments), argv)
     output_dir = Path(args.output_dir)
     if (output_dir / "summary.json").exists() and not args.overwrite_output_dir:
-        raise UsageError(f"{output_dir} already holds an evaluation; pass another --output_dir or --overwrite_output_dir")
+        raise UsageError(
+            f"{output_dir} already holds an evaluation; pass another --output_dir or --overwrite_output_dir"
+        )
     agent, reflector, meta = load_agent(args)
     stages = args.stages.split(",") if args.stages else [taxi_args.taxi_stage]
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the reflector samples from the global generator
-    summary = {"name": args.name or output_dir.name, "agent": args.agent, "run_dir": args.run_dir,
-               "greedy": args.greedy, **meta, "stages": {}}
+    summary = {
+        "name": args.name or output_dir.name,
+        "agent": args.agent,
+        "run_dir": args.run_dir,
+        "greedy": args.greedy,
+        **meta,
+        "stages": {},
+    }
     tmp = Path(tempfile.mkdtemp(prefix=".eval.", dir=output_dir.parent if output_dir.parent.exists() else None))
     try:
         with open(tmp / "episodes.jsonl", "w") as transcripts:
@@ -117,9 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
                     transcripts.write(json.dumps(ep.transcript()) + "\n")
                 summary["stages"][stage] = summarise(episodes)
                 s = summary["stages"][stage]
-                print(f"{summary['name']} {stage}: success {s['success_rate']:.3f} "
-                      f"[{s['success_ci95'][0]:.3f}, {s['success_ci95'][1]:.3f}], return {s['return_mean']:.3f}, "
-                      f"length {s['length_mean']:.2f}")
+                print(
+                    f"{summary['name']} {stage}: success {s['success_rate']:.3f} "
+                    f"[{s['success_ci95'][0]:.3f}, {s['success_ci95'][1]:.3f}], return {s['return_mean']:.3f}, "
+                    f"length {s['length_mean']:.2f}"
+                )
         atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2))
         if output_dir.exists():
             for name in ("summary.json", "episodes.jsonl"):

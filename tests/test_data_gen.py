@@ -143,9 +143,17 @@ class FakeChatServer:
                     return
                 spoiler = body["messages"][1]["content"].split("best action you should take next is ")[1]
                 reply = {
-                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": f"Plan: {spoiler.split(' ---')[0]}."}}],
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": f"Plan: {spoiler.split(' ---')[0]}."},
+                        }
+                    ],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
                 }
                 data = json.dumps(reply).encode()
@@ -165,8 +173,20 @@ class FakeChatServer:
 
 def test_api_reflector_retries_caches_and_reruns_for_free(tmp_path):
     server = FakeChatServer()
-    flags = ["--reflector", "api", "--reflector_api_base", server.url, "--reflector_model", "fake-1",
-             "--reflector_cache_dir", str(tmp_path / "cache"), "--num_episodes", "2", "--num_test_episodes", "0"]
+    flags = [
+        "--reflector",
+        "api",
+        "--reflector_api_base",
+        server.url,
+        "--reflector_model",
+        "fake-1",
+        "--reflector_cache_dir",
+        str(tmp_path / "cache"),
+        "--num_episodes",
+        "2",
+        "--num_test_episodes",
+        "0",
+    ]
     try:
         out = tmp_path / "api"
         gen_sft.main(["--output_dir", str(out), *flags])
@@ -186,8 +206,20 @@ def test_api_reflector_gives_up_with_a_clear_error(tmp_path, capsys):
     server = FakeChatServer(failures=[503] * 10)
     try:
         with pytest.raises(SystemExit):
-            gen_sft.main(["--output_dir", str(tmp_path / "o"), "--reflector", "api", "--reflector_api_base",
-                          server.url, "--reflector_max_retries", "1", "--reflector_cache_dir", str(tmp_path / "c")])
+            gen_sft.main(
+                [
+                    "--output_dir",
+                    str(tmp_path / "o"),
+                    "--reflector",
+                    "api",
+                    "--reflector_api_base",
+                    server.url,
+                    "--reflector_max_retries",
+                    "1",
+                    "--reflector_cache_dir",
+                    str(tmp_path / "c"),
+                ]
+            )
     finally:
         server.close()
     err = capsys.readouterr().err

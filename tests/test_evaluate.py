@@ -17,21 +17,55 @@ def test_wilson_interval_by_hand():
 
 
 def test_oracle_succeeds_everywhere_it_can(tmp_path):
-    summary = evaluate.main(["--agent", "oracle", "--output_dir", str(tmp_path / "oracle"), "--num_episodes", "40",
-                             "--stages", "pickup,dropoff"])
+    summary = evaluate.main(
+        [
+            "--agent",
+            "oracle",
+            "--output_dir",
+            str(tmp_path / "oracle"),
+            "--num_episodes",
+            "40",
+            "--stages",
+            "pickup,dropoff",
+        ]
+    )
     for stage in ("pickup", "dropoff"):
         assert summary["stages"][stage]["success_rate"] == 1.0
         assert summary["stages"][stage]["invalid_action_rate"] == 0.0
     # with a horizon long enough for every start, the full task too
-    summary = evaluate.main(["--agent", "oracle", "--output_dir", str(tmp_path / "o2"), "--num_episodes", "40",
-                             "--stages", "full", "--taxi_horizon", "20"])
+    summary = evaluate.main(
+        [
+            "--agent",
+            "oracle",
+            "--output_dir",
+            str(tmp_path / "o2"),
+            "--num_episodes",
+            "40",
+            "--stages",
+            "full",
+            "--taxi_horizon",
+            "20",
+        ]
+    )
     assert summary["stages"]["full"]["success_rate"] == 1.0
 
 
 def test_random_agent_rarely_succeeds_and_outputs_are_written(tmp_path):
     out = tmp_path / "random"
-    summary = evaluate.main(["--agent", "random", "--output_dir", str(out), "--num_episodes", "60",
-                             "--stages", "dropoff", "--batch_size", "16"])
+    summary = evaluate.main(
+        [
+            "--agent",
+            "random",
+            "--output_dir",
+            str(out),
+            "--num_episodes",
+            "60",
+            "--stages",
+            "dropoff",
+            "--batch_size",
+            "16",
+        ]
+    )
     stage = summary["stages"]["dropoff"]
     assert stage["success_rate"] < 0.1 and stage["episodes"] == 60
     assert stage["success_ci95"][0] <= stage["success_rate"] <= stage["success_ci95"][1]
@@ -39,8 +73,20 @@ def test_random_agent_rarely_succeeds_and_outputs_are_written(tmp_path):
     episodes = [json.loads(line) for line in open(out / "episodes.jsonl")]
     assert len(episodes) == 60 and all(e["steps"] for e in episodes)
     # the same seeds give the same episodes
-    again = evaluate.main(["--agent", "random", "--output_dir", str(tmp_path / "r2"), "--num_episodes", "60",
-                           "--stages", "dropoff", "--batch_size", "16"])
+    again = evaluate.main(
+        [
+            "--agent",
+            "random",
+            "--output_dir",
+            str(tmp_path / "r2"),
+            "--num_episodes",
+            "60",
+            "--stages",
+            "dropoff",
+            "--batch_size",
+            "16",
+        ]
+    )
     assert again["stages"] == summary["stages"]
 
 

@@ -69,16 +69,46 @@ def sft_runs(tmp_path_factory, model_cache):
     runs = {}
     for role in ("reflector", "policy", "plain"):
         runs[role] = root / role
-        sft.main(["--role", role, "--data_dir", str(data), "--output_dir", str(runs[role]), "--max_steps", "3",
-                  "--per_device_train_batch_size", "4", "--report_to", "none", "--max_eval_samples", "0",
-                  "--learning_rate", "1e-2"])
+        sft.main(
+            [
+                "--role",
+                role,
+                "--data_dir",
+                str(data),
+                "--output_dir",
+                str(runs[role]),
+                "--max_steps",
+                "3",
+                "--per_device_train_batch_size",
+                "4",
+                "--report_to",
+                "none",
+                "--max_eval_samples",
+                "0",
+                "--learning_rate",
+                "1e-2",
+            ]
+        )
     return runs
 
 
 def rl(out, runs, *flags, reflect=True):
-    base = ["--policy_path", str(runs["policy" if reflect else "plain"]), "--output_dir", str(out),
-            "--num_envs", "4", "--reflection_max_tokens", "8", "--report_to", "none", "--taxi_stage", "pickup",
-            "--minibatch_size", "8"]
+    base = [
+        "--policy_path",
+        str(runs["policy" if reflect else "plain"]),
+        "--output_dir",
+        str(out),
+        "--num_envs",
+        "4",
+        "--reflection_max_tokens",
+        "8",
+        "--report_to",
+        "none",
+        "--taxi_stage",
+        "pickup",
+        "--minibatch_size",
+        "8",
+    ]
     if reflect:
         base += ["--reflector_path", str(runs["reflector"])]
     return rl_finetune.main(base + list(flags))
@@ -106,15 +136,26 @@ def test_rl_trains_policy_adapter_only(sft_runs, tmp_path):
 
 
 def test_rl_without_reflection_and_reinforce(sft_runs, tmp_path):
-    history = rl(tmp_path / "plain", sft_runs, "--iterations", "1", "--algo", "reinforce", "--kl_coef", "0",
-                 reflect=False)
+    history = rl(
+        tmp_path / "plain", sft_runs, "--iterations", "1", "--algo", "reinforce", "--kl_coef", "0", reflect=False
+    )
     assert "policy/clipfrac" not in history[0] and "loss/policy" in history[0]
     episodes = [json.loads(line) for line in open(tmp_path / "plain" / "episodes.jsonl")]
     assert episodes[0]["steps"][0]["reflection"] is None
 
 
 def test_resume_gives_identical_metrics(sft_runs, tmp_path):
-    flags = ["--iterations", "4", "--save_steps", "2", "--learning_rate", "1e-2", "--replay_buffer_size", "5"]
+    flags = [
+        "--iterations",
+        "4",
+        "--save_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--replay_buffer_size",
+        "5",
+        "--shuffle_labels",
+    ]
     full = rl(tmp_path / "full", sft_runs, *flags)
     part = tmp_path / "part"
     rl(part, sft_runs, *flags)
@@ -149,10 +190,37 @@ def test_non_finite_updates_are_skipped_then_stop(sft_runs, tmp_path, monkeypatc
 
 
 def test_bad_rl_flags(sft_runs, tmp_path, capsys):
-    for flags, needle in ((["--algo", "a2c"], "--algo"), (["--policy_path", str(tmp_path / "none")], "--policy_path"),
-                          (["--curriculum", "pickup,fly"], "--curriculum")):
+    for flags, needle in (
+        (["--algo", "a2c"], "--algo"),
+        (["--policy_path", str(tmp_path / "none")], "--policy_path"),
+        (["--curriculum", "pickup,fly"], "--curriculum"),
+    ):
         with pytest.raises(SystemExit):
             rl_finetune.main(["--policy_path", str(sft_runs["policy"]), "--output_dir", str(tmp_path / "x"), *flags])
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1
         assert not (tmp_path / "x").exists()
+
+
+def test_shuffled_labels_score_their_own_tokens(tiny_model_dir):
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from envs.prompt import label_token_ids, policy_prompt
+    from envs.taxi import TaxiEnv
+    from training.models import action_logprobs, load_tokenizer
+    from training.rollout import LMPolicy
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    policy = LMPolicy(model, tokenizer, shuffle_labels=True)
+    random.seed(0)
+    rows = [policy.labels(6) for _ in range(3)]
+    assert all(len(set(r)) == 6 and set(r) <= set("0123456789") for r in rows) and rows[0] != rows[1]
+    obs = TaxiEnv().reset(seed=0)
+    prompts = [policy_prompt(obs, r) for r in rows]
+    logprobs, _, _ = policy.score(prompts, [6, 6, 6], rows)
+    for b, r in enumerate(rows):  # each row equals scoring it alone with its own label ids
+        alone, _ = action_logprobs(model, tokenizer, [prompts[b]], [6], torch.tensor(label_token_ids(tokenizer, r)))
+        torch.testing.assert_close(logprobs[b], alone[0])

@@ -23,8 +23,22 @@ def data_dir(tmp_path_factory):
 
 
 def run_sft(data_dir, out, *flags):
-    base = ["--data_dir", str(data_dir), "--output_dir", str(out), "--per_device_train_batch_size", "8",
-            "--logging_steps", "2", "--save_steps", "1000", "--report_to", "none", "--max_eval_samples", "64"]
+    base = [
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "8",
+        "--logging_steps",
+        "2",
+        "--save_steps",
+        "1000",
+        "--report_to",
+        "none",
+        "--max_eval_samples",
+        "64",
+    ]
     return sft.main(base + list(flags))
 
 
@@ -34,8 +48,9 @@ def metrics(out):
 
 def test_lora_sft_lowers_loss_and_changes_adapter(tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "policy"
-    results = run_sft(data_dir, out, "--role", "policy", "--max_steps", "30", "--learning_rate", "1e-2",
-                      "--lora_r", "8")
+    results = run_sft(
+        data_dir, out, "--role", "policy", "--max_steps", "30", "--learning_rate", "1e-2", "--lora_r", "8"
+    )
     losses = [m["loss"] for m in metrics(out) if "loss" in m]
     assert len(losses) >= 10 and sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
     adapter = load_file(out / "adapter_model.safetensors")
@@ -49,8 +64,9 @@ def test_lora_sft_lowers_loss_and_changes_adapter(tiny_model_dir, data_dir, tmp_
 
 def test_reflector_full_finetune_learns_reflections(data_dir, tmp_path):
     out = tmp_path / "reflector"
-    results = run_sft(data_dir, out, "--role", "reflector", "--use_peft", "false", "--max_steps", "25",
-                      "--learning_rate", "1e-3")
+    results = run_sft(
+        data_dir, out, "--role", "reflector", "--use_peft", "false", "--max_steps", "25", "--learning_rate", "1e-3"
+    )
     assert "action_accuracy" not in results
     losses = [m["loss"] for m in metrics(out) if "loss" in m]
     assert losses[-1] < losses[0] and results["eval_loss"] < losses[0]
@@ -58,8 +74,18 @@ def test_reflector_full_finetune_learns_reflections(data_dir, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
-    flags = ["--role", "plain", "--max_steps", "8", "--save_steps", "4", "--learning_rate", "1e-3",
-             "--max_eval_samples", "0"]
+    flags = [
+        "--role",
+        "plain",
+        "--max_steps",
+        "8",
+        "--save_steps",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--max_eval_samples",
+        "0",
+    ]
     full = tmp_path / "full"
     run_sft(data_dir, full, *flags)
     part = tmp_path / "part"
@@ -81,7 +107,9 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
 
 def test_8bit_lora_sft_runs_on_cpu(data_dir, tmp_path):
     out = tmp_path / "q8"
-    results = run_sft(data_dir, out, "--role", "plain", "--max_steps", "4", "--load_in_8bit", "--max_eval_samples", "16")
+    results = run_sft(
+        data_dir, out, "--role", "plain", "--max_steps", "4", "--load_in_8bit", "--max_eval_samples", "16"
+    )
     assert (out / "adapter_model.safetensors").exists() and "action_accuracy" in results
 
 
@@ -89,13 +117,41 @@ def test_accelerate_launch_two_processes(tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "ddp"
     # --multi_gpu launches torchrun; without CUDA each process trains on the CPU over gloo. (--cpu would
     # run a single process.)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.sft",
-           "--role", "plain", "--data_dir", str(data_dir), "--output_dir", str(out), "--max_steps", "4",
-           "--per_device_train_batch_size", "4", "--report_to", "none", "--max_eval_samples", "16",
-           "--logging_steps", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "training.sft",
+        "--role",
+        "plain",
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--report_to",
+        "none",
+        "--max_eval_samples",
+        "16",
+        "--logging_steps",
+        "1",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = (out / "config.yaml").read_text()
     assert "world_size: 2" in config

@@ -69,7 +69,14 @@ def _build_tiny_gpt2(out_dir: str) -> None:
     # No dropout: a model trained from scratch on a few thousand examples does not need it, and on CPU
     # its random masks took a quarter of the step time (and force the slow math attention kernel).
     config = GPT2Config(
-        n_layer=4, n_embd=128, n_head=4, n_positions=1024, vocab_size=50257, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        n_layer=4,
+        n_embd=128,
+        n_head=4,
+        n_positions=1024,
+        vocab_size=50257,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     config.pad_token_id = tokenizer.eos_token_id
     # Seed 0 so every machine (and every accelerate process) builds the same weights; fork_rng so
@@ -379,16 +386,18 @@ def action_logprobs(
     """Log-probs (B, A) of each action label after each prompt, and the policy entropy (B,).
 
     Prompt b has ``n_actions[b]`` admissible actions, labelled by the first ``n_actions[b]`` entries
-    of ``label_ids`` (A,); the rest are -inf. The softmax is over the admissible label tokens only
+    of ``label_ids``: (A,) shared by every prompt, or (B, A) when each prompt has its own labels
+    (shuffled labels); the rest are -inf. The softmax is over the admissible label tokens only
     (Reflect-RL's shrunk head). Differentiable: wrap in ``torch.no_grad()`` when only sampling.
     With ``return_hidden`` the last layer's state at the last prompt token (B, H) comes third, for a
     value head on the same forward pass.
     """
     device = _device(model)
-    label_ids = torch.as_tensor(label_ids, dtype=torch.long, device=device)  # (A,)
+    label_ids = torch.as_tensor(label_ids, dtype=torch.long, device=device)  # (A,) or (B, A)
     n = torch.as_tensor(n_actions, dtype=torch.long, device=device)  # (B,)
-    if len(prompts) != len(n) or bool((n < 1).any()) or bool((n > len(label_ids)).any()):
-        raise ValueError(f"n_actions must give 1..{len(label_ids)} actions for each of the {len(prompts)} prompts")
+    width = label_ids.shape[-1]
+    if len(prompts) != len(n) or bool((n < 1).any()) or bool((n > width).any()):
+        raise ValueError(f"n_actions must give 1..{width} actions for each of the {len(prompts)} prompts")
     enc = tokenize_prompts(tokenizer, prompts, max_length or max_positions(model))
     input_ids = enc["input_ids"].to(device)  # (B, T)
     attention_mask = enc["attention_mask"].to(device)  # (B, T)
@@ -405,8 +414,11 @@ def action_logprobs(
         **kwargs,
     )
     last_logits = out.logits[:, -1, :].float()  # (B, V)
-    label_logits = last_logits[:, label_ids]  # (B, A)
-    inadmissible = torch.arange(len(label_ids), device=device)[None, :] >= n[:, None]  # (B, A)
+    if label_ids.dim() == 1:
+        label_logits = last_logits[:, label_ids]  # (B, A)
+    else:
+        label_logits = last_logits.gather(1, label_ids)  # (B, A)
+    inadmissible = torch.arange(width, device=device)[None, :] >= n[:, None]  # (B, A)
     logprobs = torch.log_softmax(label_logits.masked_fill(inadmissible, float("-inf")), dim=-1)  # (B, A)
     # Zero the -inf entries before multiplying: 0 * -inf is nan, in the value and in the gradient.
     entropy = -(logprobs.exp() * logprobs.masked_fill(inadmissible, 0.0)).sum(-1)  # (B,)

@@ -68,8 +68,16 @@ def load_players(policy_path: str, reflector_path: str = "", with_reference: boo
             model.load_adapter(policy_path, adapter_name="reference", is_trainable=False)
             for name, param in model.named_parameters():
                 param.requires_grad_(trainable and ".policy." in name)
-        return Players(tokenizer, model, "policy", model, "reflector", model if with_reference else None,
-                       "reference" if with_reference else None, policy_args)
+        return Players(
+            tokenizer,
+            model,
+            "policy",
+            model,
+            "reflector",
+            model if with_reference else None,
+            "reference" if with_reference else None,
+            policy_args,
+        )
 
     if is_adapter(policy_path) != policy_args.use_peft:
         raise UsageError(f"--policy_path {policy_path} does not hold the model its config.yaml describes")

@@ -176,7 +176,9 @@ def load_policy_weights(path: Path, players) -> None:
 
         # peft saves a non-default adapter name into a subfolder of that name
         sub = policy_dir / players.policy_adapter if (policy_dir / players.policy_adapter).is_dir() else policy_dir
-        set_peft_model_state_dict(model, load_file(sub / "adapter_model.safetensors"), adapter_name=players.policy_adapter)
+        set_peft_model_state_dict(
+            model, load_file(sub / "adapter_model.safetensors"), adapter_name=players.policy_adapter
+        )
     else:
         missing, unexpected = model.load_state_dict(load_file(policy_dir / "model.safetensors"), strict=False)
         # tied weights (GPT-2's lm_head = wte) are stored once; anything else missing is an error
@@ -280,7 +282,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if value_head is not None:
         torch.nn.init.zeros_(value_head.weight)
         torch.nn.init.zeros_(value_head.bias)
-    policy = LMPolicy(players.policy_model, players.tokenizer, value_head, players.policy_adapter)
+    policy = LMPolicy(
+        players.policy_model, players.tokenizer, value_head, players.policy_adapter, shuffle_labels=args.shuffle_labels
+    )
     reference = (
         LMPolicy(players.reference_model, players.tokenizer, None, players.reference_adapter)
         if players.reference_model is not None
@@ -350,6 +354,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         keep = [i for i, s in enumerate(steps) if s.action is not None]  # invalid steps carry no gradient
         b_prompts = [steps[i].prompt for i in keep]
         b_n = [steps[i].n_actions for i in keep]
+        b_labels = [steps[i].labels for i in keep]
         b_actions = torch.tensor([steps[i].action for i in keep], dtype=torch.long)  # (N,)
         b_logprobs = torch.tensor([steps[i].logprob for i in keep])  # (N,)
         b_ref = torch.tensor([steps[i].ref_logprob for i in keep])  # (N,)
@@ -366,7 +371,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, args.minibatch_size):
                 mb = order[start : start + args.minibatch_size]
-                logprobs, entropy, values = policy.score([b_prompts[i] for i in mb], [b_n[i] for i in mb])
+                logprobs, entropy, values = policy.score(
+                    [b_prompts[i] for i in mb], [b_n[i] for i in mb], [b_labels[i] for i in mb]
+                )
                 new_logprob = logprobs.gather(1, b_actions[mb, None]).squeeze(1)  # (M,)
                 mb_adv = b_adv[mb]
                 if args.algo == "ppo":
@@ -399,8 +406,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     continue
                 state["bad_updates"] = 0
                 optimizer.step()
-                pg_stats |= {"loss/policy": float(pg_loss.detach()), "policy/entropy": float(entropy.mean().detach()),
-                             "policy/grad_norm": float(grad_norm)}
+                pg_stats |= {
+                    "loss/policy": float(pg_loss.detach()),
+                    "policy/entropy": float(entropy.mean().detach()),
+                    "policy/grad_norm": float(grad_norm),
+                }
                 for k, v in pg_stats.items():
                     metrics.setdefault(k, []).append(v)
                 if args.target_kl > 0 and pg_stats.get("policy/approx_kl", 0.0) > args.target_kl:
@@ -420,16 +430,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["objective/rollout_kl"] = sum(rollout_kl) / len(rollout_kl)
         if args.algo == "ppo" or args.reinforce_baseline == "value":
             row["value/explained_variance"] = explained_variance(b_values, b_returns.numpy())
-        row |= {"train/skipped_updates": state["skipped_updates"], "timing/rollout_s": rollout_s,
-                "timing/update_s": update_s, "env/steps_per_s": stats["env/steps"] / max(rollout_s, 1e-9)}
+        row |= {
+            "train/skipped_updates": state["skipped_updates"],
+            "timing/rollout_s": rollout_s,
+            "timing/update_s": update_s,
+            "env/steps_per_s": stats["env/steps"] / max(rollout_s, 1e-9),
+        }
         loggers.log(row, state["env_steps"])
         with open(output_dir / "episodes.jsonl", "a") as f:
             for ep in episodes[: args.log_episodes]:
                 f.write(json.dumps({"iteration": iteration, **ep.transcript()}) + "\n")
         history.append(row)
         bar.update(1)
-        bar.set_postfix(success=f"{stats['env/success_rate']:.2f}", ret=f"{stats['env/return']:.2f}",
-                        eps_per_s=f"{args.num_envs / max(rollout_s + update_s, 1e-9):.1f}")
+        bar.set_postfix(
+            success=f"{stats['env/success_rate']:.2f}",
+            ret=f"{stats['env/return']:.2f}",
+            eps_per_s=f"{args.num_envs / max(rollout_s + update_s, 1e-9):.1f}",
+        )
         if curriculum.update(iteration, stats["env/success_rate"]):
             replay.clear()  # the paper clears the buffer at each stage switch
         state["stage_index"] = curriculum.index
@@ -437,8 +454,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # 6. checkpoint ------------------------------------------------------------------------------
         bad = state["bad_updates"] >= args.max_bad_updates
         if state["iteration"] % args.save_steps == 0 or state["iteration"] == args.iterations or bad:
-            save_checkpoint(output_dir / f"checkpoint-{state['iteration']}", players, value_head, optimizer,
-                            dict(state), generator, replay)
+            save_checkpoint(
+                output_dir / f"checkpoint-{state['iteration']}",
+                players,
+                value_head,
+                optimizer,
+                dict(state),
+                generator,
+                replay,
+            )
         if bad:
             loggers.close()
             raise UsageError(

@@ -103,23 +103,51 @@ class LMPolicy:
     policy's LoRA adapter when several share one base.
     """
 
-    def __init__(self, model, tokenizer, value_head=None, adapter: str | None = None, max_length: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        value_head=None,
+        adapter: str | None = None,
+        max_length: int | None = None,
+        shuffle_labels: bool = False,
+    ):
         self.model, self.tokenizer, self.value_head = model, tokenizer, value_head
         self.adapter, self.max_length = adapter, max_length
+        self.shuffle_labels = shuffle_labels
         self._labels: list[str] = []
+        self._ids: dict[str, int] = {}
 
     def labels(self, n: int) -> list[str]:
-        if len(self._labels) < n:
+        """Labels for ``n`` actions: ``0, 1, 2, ...``, or with ``shuffle_labels`` a fresh random draw
+        from the first max(n, 10) labels each step (the paper's ``shuffle_action``)."""
+        if len(self._labels) < max(n, 10):
             self._labels = action_labels(max(n, 10), self.tokenizer)
+            self._ids = dict(zip(self._labels, label_token_ids(self.tokenizer, self._labels)))
+        if self.shuffle_labels:
+            # the global RNG, which RL checkpoints save, so a resumed run draws the same labels
+            return random.sample(self._labels[: max(n, 10)], n)
         return self._labels[:n]
 
-    def score(self, prompts: list[str], n_actions: list[int]):
-        """(logprobs (B, A), entropy (B,), values (B,) or None); differentiable."""
-        labels = self.labels(max(n_actions))
-        ids = torch.tensor(label_token_ids(self.tokenizer, labels))
+    def label_ids(self, labels: list[list[str]]) -> torch.Tensor:
+        """(B, A) token ids of each row's labels, padded with the row's first label (masked later)."""
+        width = max(len(row) for row in labels)
+        self.labels(width)
+        return torch.tensor(
+            [[self._ids[lab] for lab in row] + [self._ids[row[0]]] * (width - len(row)) for row in labels]
+        )
+
+    def score(self, prompts: list[str], n_actions: list[int], labels: list[list[str]] | None = None):
+        """(logprobs (B, A), entropy (B,), values (B,) or None); differentiable. ``labels`` are each
+        prompt's labels (default: the unshuffled ones)."""
+        if labels is None:
+            labels = [self.labels(max(n_actions))] * len(prompts)
+        ids = self.label_ids(labels)
         with _adapter_scope(self.model, self.adapter):
             if self.value_head is None:
-                logprobs, entropy = action_logprobs(self.model, self.tokenizer, prompts, n_actions, ids, self.max_length)
+                logprobs, entropy = action_logprobs(
+                    self.model, self.tokenizer, prompts, n_actions, ids, self.max_length
+                )
                 return logprobs, entropy, None
             logprobs, entropy, hidden = action_logprobs(
                 self.model, self.tokenizer, prompts, n_actions, ids, self.max_length, return_hidden=True
@@ -128,9 +156,9 @@ class LMPolicy:
         return logprobs, entropy, values
 
     @torch.no_grad()
-    def act(self, envs, observations, prompts, greedy: bool, generator: torch.Generator) -> Decision:
+    def act(self, envs, observations, prompts, greedy: bool, generator: torch.Generator, labels=None) -> Decision:
         n_actions = [len(o.actions) for o in observations]
-        logprobs, entropy, values = self.score(prompts, n_actions)
+        logprobs, entropy, values = self.score(prompts, n_actions, labels)
         logprobs = logprobs.float().cpu()
         actions: list[int | None] = []
         chosen: list[float] = []
@@ -150,8 +178,15 @@ class LMPolicy:
 class Reflector:
     """The frozen reflection model: writes the text after ``# Analyze:``, up to EOS or a token cap."""
 
-    def __init__(self, model, tokenizer, adapter: str | None = None, max_new_tokens: int = 48,
-                 temperature: float = 1.0, greedy: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        adapter: str | None = None,
+        max_new_tokens: int = 48,
+        temperature: float = 1.0,
+        greedy: bool = False,
+    ):
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.max_new_tokens, self.temperature, self.greedy = max_new_tokens, temperature, greedy
 
@@ -159,8 +194,15 @@ class Reflector:
     def reflect(self, observations: list[Observation]) -> list[str]:
         prompts = [reflection_prompt(o) for o in observations]
         with _adapter_scope(self.model, self.adapter):
-            texts = generate_text(self.model, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
-                                  greedy=self.greedy, stop_strings=["\n\n#", "# Action"])
+            texts = generate_text(
+                self.model,
+                self.tokenizer,
+                prompts,
+                self.max_new_tokens,
+                self.temperature,
+                greedy=self.greedy,
+                stop_strings=["\n\n#", "# Action"],
+            )
         return [t.strip() for t in texts]
 
 
@@ -173,7 +215,7 @@ class RandomAgent:
     def labels(self, n: int) -> list[str]:
         return action_labels(n)
 
-    def act(self, envs, observations, prompts, greedy, generator) -> Decision:
+    def act(self, envs, observations, prompts, greedy, generator, labels=None) -> Decision:
         actions = [self.rng.randrange(len(o.actions)) for o in observations]
         lps = [-math.log(len(o.actions)) for o in observations]
         ents = [math.log(len(o.actions)) for o in observations]
@@ -186,7 +228,7 @@ class OracleAgent:
     def labels(self, n: int) -> list[str]:
         return action_labels(n)
 
-    def act(self, envs, observations, prompts, greedy, generator) -> Decision:
+    def act(self, envs, observations, prompts, greedy, generator, labels=None) -> Decision:
         n = len(observations)
         return Decision([env.oracle_action() for env in envs], [0.0] * n, [0.0] * n, [0.0] * n)
 
@@ -216,11 +258,11 @@ def rollout(
         reflections = reflector.reflect(obs) if reflector is not None else [None] * len(live)
         labels = [agent.labels(len(o.actions)) for o in obs]
         prompts = [policy_prompt(o, lab, r) for o, lab, r in zip(obs, labels, reflections)]
-        decision = agent.act([envs[i] for i in live], obs, prompts, greedy, generator)
+        decision = agent.act([envs[i] for i in live], obs, prompts, greedy, generator, labels)
         ref_logprobs = [0.0] * len(live)
         if reference is not None:
             with torch.no_grad():
-                ref, _, _ = reference.score(prompts, [len(o.actions) for o in obs])
+                ref, _, _ = reference.score(prompts, [len(o.actions) for o in obs], labels)
             ref_logprobs = [float(ref[b, a]) if a is not None else 0.0 for b, a in enumerate(decision.actions)]
         still_live = []
         for b, i in enumerate(live):
@@ -228,10 +270,18 @@ def rollout(
             next_obs, reward, terminated, truncated, info = envs[i].step(action)
             episodes[i].steps.append(
                 Step(
-                    prompt=prompts[b], n_actions=len(obs[b].actions), action=action, logprob=decision.logprobs[b],
-                    entropy=decision.entropies[b], value=decision.values[b], ref_logprob=ref_logprobs[b],
-                    reward=float(reward), terminated=bool(terminated), truncated=bool(truncated),
-                    invalid=bool(info.get("invalid_action", action is None)), reflection=reflections[b],
+                    prompt=prompts[b],
+                    n_actions=len(obs[b].actions),
+                    action=action,
+                    logprob=decision.logprobs[b],
+                    entropy=decision.entropies[b],
+                    value=decision.values[b],
+                    ref_logprob=ref_logprobs[b],
+                    reward=float(reward),
+                    terminated=bool(terminated),
+                    truncated=bool(truncated),
+                    invalid=bool(info.get("invalid_action", action is None)),
+                    reflection=reflections[b],
                     labels=labels[b],
                 )
             )

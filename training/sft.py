@@ -40,8 +40,17 @@ from training.models import action_logprobs, load_model, load_tokenizer
 # Options that define a run; the rest (logging, resume, batch sizes for eval...) may change between
 # the first launch and a resumed one.
 RUN_KEYS = (
-    "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "weight_decay", "max_length", "bf16",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "weight_decay",
+    "max_length",
+    "bf16",
 )
 
 
@@ -58,7 +67,9 @@ def read_jsonl(path: str, flag: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise UsageError(f"{path} line {number} is not valid JSON; regenerate it or fix {flag}") from None
-            if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)):
+            if not (
+                isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
+            ):
                 raise UsageError(f"{path} line {number} needs string 'prompt' and 'completion' fields; fix {flag}")
             rows.append(row)
     if not rows:
@@ -98,8 +109,12 @@ def make_trainer_class():
             mode = "train" if self.model.training else "eval"
             labels = inputs["labels"]  # (B, T), -100 outside the completion
             keep = completion_positions(labels)  # (K,)
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                            use_cache=False, logits_to_keep=keep)
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs.get("attention_mask"),
+                use_cache=False,
+                logits_to_keep=keep,
+            )
             logits = outputs.logits.float()  # (B, K, V)
             targets = labels[:, keep + 1]  # (B, K)
             valid = targets != -100
@@ -190,7 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
     with state.main_process_first():
         if state.is_main_process:
             check_output_dir(
-                output_dir, config, overwrite=train_args.overwrite_output_dir and not resume,
+                output_dir,
+                config,
+                overwrite=train_args.overwrite_output_dir and not resume,
                 compare_ignore=("training_args",),
             )
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -224,8 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
     if state.is_main_process:
         atomic_write_text(output_dir / "eval_results.json", json.dumps(results, indent=2))
-        print(f"saved {output_dir}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                   for k, v in results.items()))
+        print(
+            f"saved {output_dir}: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
+        )
     state.wait_for_everyone()
     return results
 

@@ -60,16 +60,30 @@ def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArgume
     while not env.done:
         state = env.state
         label = env.oracle_action()
-        steps.append(dict(obs=obs, reflection=reflect(prev_state, last_action, state, obs), label=label,
-                          kind="positive", step=env.steps))
+        steps.append(
+            dict(
+                obs=obs,
+                reflection=reflect(prev_state, last_action, state, obs),
+                label=label,
+                kind="positive",
+                step=env.steps,
+            )
+        )
         wrong = [a for a in safe_actions(state) if a not in optimal_actions(state, env.stage)]
         if wrong and rng.random() < args.negative_rate:
             branch = copy.deepcopy(env)
             mistake = rng.choice(wrong)
             branch_obs, *_ = branch.step(mistake)
             if not branch.done:
-                steps.append(dict(obs=branch_obs, reflection=reflect(state, mistake, branch.state, branch_obs),
-                                  label=branch.oracle_action(), kind="negative", step=branch.steps))
+                steps.append(
+                    dict(
+                        obs=branch_obs,
+                        reflection=reflect(state, mistake, branch.state, branch_obs),
+                        label=branch.oracle_action(),
+                        kind="negative",
+                        step=branch.steps,
+                    )
+                )
         action = rng.choice(safe_actions(state)) if rng.random() < args.random_action_rate else label
         obs, *_ = env.step(action)
         prev_state, last_action = state, action
@@ -129,8 +143,9 @@ def main(argv: list[str] | None = None) -> Path:
     reflect, client = make_reflect(env, api_args, output_dir)
     rng = random.Random(data_args.seed)
     splits = {"train": (data_args.num_episodes, 0), "test": (data_args.num_test_episodes, TEST_SEED_OFFSET)}
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent if output_dir.parent.exists() else None,
-                                prefix=f".{output_dir.name}."))
+    tmp = Path(
+        tempfile.mkdtemp(dir=output_dir.parent if output_dir.parent.exists() else None, prefix=f".{output_dir.name}.")
+    )
     try:
         stats: dict = {"stage": env.stage}
         for split, (n, offset) in splits.items():

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The CPU demo: data -> SFT (reflector, policy, plain) -> Reflect-RL and RL without reflection ->
+# evaluation of all of them with SFT-only, random and oracle -> comparison table and plots.
+# Usage: scripts/demo.sh [RUN_DIR]   (make demo runs it in runs/demo with the project's .venv)
+set -euo pipefail
+RUN=${1:-runs/demo}
+PY=${PYTHON:-python}
+STAGE=${STAGE:-dropoff}
+SFT_STEPS=${SFT_STEPS:-60}
+REFLECTOR_STEPS=${REFLECTOR_STEPS:-200}
+RL_ITERS=${RL_ITERS:-20}
+EVAL_EPISODES=${EVAL_EPISODES:-100}
+TAXI="--taxi_stage $STAGE"
+SFT="--model_name_or_path tiny-gpt2 --use_peft false --learning_rate 1e-3 --per_device_train_batch_size 16 --report_to tensorboard --logging_steps 10 --max_eval_samples 200"
+RL="--num_envs 32 --iterations $RL_ITERS --save_steps 5 --learning_rate 1e-4 --minibatch_size 64 --update_epochs 2 --reflection_max_tokens 40 $TAXI"
+EVAL="--num_episodes $EVAL_EPISODES --stages $STAGE --reflection_max_tokens 40"
+start=$(date +%s)
+stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
+
+stamp "1/6 data"
+$PY -m data_gen.gen_sft --env taxi --output_dir "$RUN/data" $TAXI --num_episodes 400 --num_test_episodes 50
+stamp "2/6 SFT: reflector, policy, no-reflection policy"
+$PY -m training.sft --role reflector --data_dir "$RUN/data" --output_dir "$RUN/sft_reflector" --max_steps "$REFLECTOR_STEPS" $SFT
+$PY -m training.sft --role policy --data_dir "$RUN/data" --output_dir "$RUN/sft_policy" --max_steps "$SFT_STEPS" $SFT
+$PY -m training.sft --role plain --data_dir "$RUN/data" --output_dir "$RUN/sft_plain" --max_steps "$SFT_STEPS" $SFT
+stamp "3/6 Reflect-RL"
+$PY -m training.rl_finetune --policy_path "$RUN/sft_policy" --reflector_path "$RUN/sft_reflector" --output_dir "$RUN/reflect_rl" $RL
+stamp "4/6 RL without reflection"
+$PY -m training.rl_finetune --policy_path "$RUN/sft_plain" --output_dir "$RUN/rl_noreflect" $RL
+stamp "5/6 evaluation"
+$PY -m evaluation.evaluate --run_dir "$RUN/reflect_rl" --output_dir "$RUN/eval/reflect_rl" --name Reflect-RL $EVAL
+$PY -m evaluation.evaluate --run_dir "$RUN/rl_noreflect" --output_dir "$RUN/eval/rl_noreflect" --name "SFT+RL w/o reflection" $EVAL
+$PY -m evaluation.evaluate --run_dir "$RUN/sft_policy" --reflector_path "$RUN/sft_reflector" --output_dir "$RUN/eval/sft_only" --name SFT-only $EVAL
+$PY -m evaluation.evaluate --run_dir "$RUN/sft_plain" --output_dir "$RUN/eval/sft_plain" --name "SFT-only w/o reflection" $EVAL
+$PY -m evaluation.evaluate --agent random --output_dir "$RUN/eval/random" --name random $EVAL
+$PY -m evaluation.evaluate --agent oracle --output_dir "$RUN/eval/oracle" --name oracle $EVAL
+stamp "6/6 comparison and plots"
+$PY -m evaluation.compare "$RUN"/eval/*
+$PY -m visualization.plot "$RUN/reflect_rl" "$RUN/rl_noreflect" "$RUN"/eval/* --output_dir "$RUN/plots"
+stamp "done: table above, plots in $RUN/plots"
