@@ -457,6 +457,9 @@ def generate_text(
             input_ids=enc["input_ids"].to(device),
             attention_mask=enc["attention_mask"].to(device),
             max_new_tokens=max_new_tokens,
+            # TRL saves fine-tuned models with config.use_cache=False (a training setting); without the
+            # KV cache every new token re-reads the whole prompt (~8x slower reflections, measured).
+            use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             **sampling,
