@@ -141,7 +141,7 @@ def plot_comparison(summaries: list[dict]) -> Figure:
     ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("Evaluation success rate per stage (95% interval)")
-    fig.legend(loc="outside lower center", ncols=min(len(summaries), 4))
+    fig.legend(loc="outside lower center", ncols=min(len(summaries), 3))
     return fig
 
 
@@ -151,7 +151,7 @@ def save_png(fig: Figure, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")  # keep wide legends whole
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
