@@ -12,6 +12,7 @@ and the random and oracle reference agents.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -85,15 +86,7 @@ class Decision:
 
 
 def _adapter_scope(model, adapter: str | None):
-    return use_adapter(model, adapter) if adapter else _null()
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return use_adapter(model, adapter) if adapter else contextlib.nullcontext()
 
 
 class LMPolicy:
