@@ -210,6 +210,10 @@ class TaxiArguments:
     taxi_coordinates: bool = field(default=True, metadata={"help": "Add a plain-coordinates line under the grid."})
     taxi_instructions: bool = field(default=False, metadata={"help": "Start each observation with the rules."})
     taxi_history: bool = field(default=True, metadata={"help": "List the actions taken so far (as the paper)."})
+    taxi_reward: str = field(
+        default="paper",
+        metadata={"help": "paper (gym's rewards / 20, -10/20 danger) or success (1 on success, else 0)."},
+    )
 
     def __post_init__(self):
         from envs.taxi import STAGES
@@ -218,6 +222,8 @@ class TaxiArguments:
             raise UsageError(f"--taxi_stage {self.taxi_stage!r} is not one of {', '.join(STAGES)}")
         if self.taxi_horizon <= 0:
             raise UsageError("--taxi_horizon must be positive")
+        if self.taxi_reward not in ("paper", "success"):
+            raise UsageError(f"--taxi_reward {self.taxi_reward!r} is not one of paper, success")
 
     def make_env(self, stage: str | None = None):
         from envs.taxi import TaxiEnv
@@ -229,6 +235,7 @@ class TaxiArguments:
             coordinates=self.taxi_coordinates,
             instructions=self.taxi_instructions,
             history=self.taxi_history,
+            reward=self.taxi_reward,
         )
 
 

@@ -10,6 +10,7 @@ deterministic). Changes, as in the paper:
 - **Rewards** are gymnasium's (-1 a step, +20 on delivery) divided by 20, plus a pick-up bonus of
   +1 (20/20) the first time the passenger boards (stages ``pickup`` and ``full``).
 - **Horizon** 15 steps, then ``truncated``.
+- ``reward="success"`` (not in the paper) pays 1 for finishing the stage and 0 otherwise.
 - **Stages** (curriculum): ``pickup`` ends with success on the first pick-up; ``dropoff`` starts
   with the passenger already in the taxi, at the spot where it was picked up (what the original's
   oracle replay produced), and succeeds on delivery; ``full`` succeeds on delivery. Success is
@@ -28,6 +29,7 @@ from envs.base import Observation, TextEnv
 
 ACTIONS = ["move south", "move north", "move east", "move west", "pick up passenger", "drop off passenger"]
 STAGES = ("pickup", "dropoff", "full")
+REWARDS = ("paper", "success")
 IN_TAXI = 4
 REWARD_SCALE = 20.0
 DANGER_REWARD = -10.0 / REWARD_SCALE
@@ -167,13 +169,17 @@ class TaxiEnv(TextEnv):
         coordinates: bool = False,
         instructions: bool = False,
         history: bool = True,
+        reward: str = "paper",
     ):
+        if reward not in REWARDS:
+            raise ValueError(f"unknown Taxi reward {reward!r}; choose one of {', '.join(REWARDS)}")
         if stage not in STAGES:
             raise ValueError(f"unknown Taxi stage {stage!r}; choose one of {', '.join(STAGES)}")
         if horizon <= 0:
             raise ValueError("the Taxi horizon must be positive")
         self.stage, self.horizon, self.danger = stage, horizon, danger
         self.coordinates, self.instructions, self.history = coordinates, instructions, history
+        self.reward_mode = reward
         self.state = 0
         self.steps = 0
         self.picked_up = False
@@ -213,6 +219,10 @@ class TaxiEnv(TextEnv):
             self.picked_up = True
             reward += PICKUP_BONUS
             terminated = success = self.stage == "pickup"
+        if self.reward_mode == "success":
+            # Only finishing the stage pays. Under the paper's shaping a policy that never succeeds
+            # does best by crashing at once (-0.5 beats wandering at -0.05 a step and then crashing).
+            reward = 1.0 if success else 0.0
         self.state = next_state
         truncated = not terminated and self.steps >= self.horizon
         self.done = terminated or truncated

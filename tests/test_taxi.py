@@ -198,3 +198,19 @@ def test_parse_label_never_raises():
     for bad in ("", "   ", "\n", "9", "move", "Action", "3x"):
         assert parse_label(bad, labels) is None
     assert parse_label(ACTIONS[0], labels) is None
+
+
+def test_success_reward_pays_only_for_finishing():
+    env = TaxiEnv(stage="pickup", reward="success")
+    start(env, encode(2, 2, 0, 1))
+    assert env.step(NORTH)[1] == 0.0
+    env = TaxiEnv(stage="pickup", reward="success")
+    start(env, encode(0, 1, 2, 0))
+    _, reward, terminated, _, _ = env.step(EAST)  # a wall bump still ends the episode, at no cost
+    assert (reward, terminated) == (0.0, True)
+    env = TaxiEnv(stage="pickup", reward="success")
+    start(env, encode(*LOCS[0], 0, 1))
+    _, reward, terminated, _, info = env.step(PICKUP)
+    assert (reward, terminated, info["success"]) == (1.0, True, True)
+    with pytest.raises(ValueError):
+        TaxiEnv(reward="shaped")
