@@ -13,7 +13,7 @@ EVAL_EPISODES=${EVAL_EPISODES:-100}
 TAXI="--taxi_stage $STAGE ${TAXI_EXTRA:-}"
 SFT="--model_name_or_path tiny-gpt2 --use_peft false --learning_rate 1e-3 --per_device_train_batch_size 16 --report_to tensorboard --logging_steps 10 --max_eval_samples 200"
 RL="--num_envs 32 --iterations $RL_ITERS --save_steps 5 --learning_rate 1e-4 --minibatch_size 64 --update_epochs 2 --reflection_max_tokens 40 $TAXI"
-EVAL="--num_episodes $EVAL_EPISODES --stages $STAGE --reflection_max_tokens 40"
+EVAL="--num_episodes $EVAL_EPISODES --stages $STAGE --reflection_max_tokens 40 ${TAXI_EXTRA:-}"
 start=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
