@@ -6,14 +6,15 @@ set -euo pipefail
 RUN=${1:-runs/demo}
 PY=${PYTHON:-python}
 STAGE=${STAGE:-dropoff}
-SFT_STEPS=${SFT_STEPS:-60}
+SFT_STEPS=${SFT_STEPS:-600}
 REFLECTOR_STEPS=${REFLECTOR_STEPS:-200}
-RL_ITERS=${RL_ITERS:-20}
+RL_ITERS=${RL_ITERS:-25}
 EVAL_EPISODES=${EVAL_EPISODES:-100}
-TAXI="--taxi_stage $STAGE ${TAXI_EXTRA:-}"
+TAXI_EXTRA=${TAXI_EXTRA-"--taxi_history false --taxi_reward success"}
+TAXI="--taxi_stage $STAGE $TAXI_EXTRA"
 SFT="--model_name_or_path tiny-gpt2 --use_peft false --learning_rate 1e-3 --per_device_train_batch_size 16 --report_to tensorboard --logging_steps 10 --max_eval_samples 200"
 RL="--num_envs 32 --iterations $RL_ITERS --save_steps 5 --learning_rate 1e-4 --minibatch_size 64 --update_epochs 2 --reflection_max_tokens 40 $TAXI"
-EVAL="--num_episodes $EVAL_EPISODES --stages $STAGE --reflection_max_tokens 40 ${TAXI_EXTRA:-}"
+EVAL="--num_episodes $EVAL_EPISODES --stages $STAGE --reflection_max_tokens 40 $TAXI_EXTRA"
 start=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
