@@ -144,6 +144,34 @@ def _plain(value):
     return json.loads(json.dumps(value, default=lambda v: getattr(v, "value", str(v))))
 
 
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The ``checkpoint-N`` folder with the largest N, if any."""
+    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> str:
+    """``--resume_from_checkpoint`` as a folder path: '' to start fresh, ``latest`` is the newest
+    ``checkpoint-N`` of ``output_dir``, and a given folder must exist."""
+    if resume == "latest":
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            raise UsageError(f"--resume_from_checkpoint latest: {output_dir} has no checkpoint-N folder")
+        return str(checkpoint)
+    if resume and not Path(resume).is_dir():
+        raise UsageError(f"--resume_from_checkpoint {resume} is not a folder")
+    return resume or ""
+
+
+def check_stages(flag: str, value: str) -> None:
+    """A comma-separated list of Taxi curriculum stages (``--curriculum``, ``--stages``)."""
+    from envs.taxi import STAGES
+
+    bad = [s for s in value.split(",") if s not in STAGES]
+    if bad:
+        raise UsageError(f"{flag} has unknown stage(s) {', '.join(bad)}; use {', '.join(STAGES)}")
+
+
 def save_config(output_dir: str | Path, config: dict) -> None:
     import yaml
 
@@ -468,11 +496,7 @@ class RLArguments:
         if self.algo == "reinforce":
             self.update_epochs = 1
         if self.curriculum:
-            from envs.taxi import STAGES
-
-            bad = [s for s in self.curriculum.split(",") if s not in STAGES]
-            if bad:
-                raise UsageError(f"--curriculum has unknown stage(s) {', '.join(bad)}; use {', '.join(STAGES)}")
+            check_stages("--curriculum", self.curriculum)
 
 
 @dataclass
@@ -507,8 +531,4 @@ class EvalArguments:
         if self.num_episodes <= 0 or self.batch_size <= 0:
             raise UsageError("--num_episodes and --batch_size must be positive")
         if self.stages:
-            from envs.taxi import STAGES
-
-            bad = [s for s in self.stages.split(",") if s not in STAGES]
-            if bad:
-                raise UsageError(f"--stages has unknown stage(s) {', '.join(bad)}; use {', '.join(STAGES)}")
+            check_stages("--stages", self.stages)

@@ -24,7 +24,15 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from experiment_args import EvalArguments, TaxiArguments, UsageError, atomic_write_text, cli, parse_args
+from experiment_args import (
+    EvalArguments,
+    TaxiArguments,
+    UsageError,
+    atomic_write_text,
+    cli,
+    latest_checkpoint,
+    parse_args,
+)
 from training.players import load_players
 from training.rollout import LMPolicy, OracleAgent, RandomAgent, Reflector, episode_stats, rollout
 
@@ -54,7 +62,7 @@ def load_agent(args: EvalArguments):
     config = yaml.safe_load(config_path.read_text()) or {}
     checkpoint = None
     if "policy_path" in config:  # an RL run: its SFT players, then the latest checkpoint's policy
-        from training.rl_finetune import latest_checkpoint, load_policy_weights
+        from training.rl_finetune import load_policy_weights
 
         checkpoint = latest_checkpoint(run)
         if checkpoint is None:

@@ -31,6 +31,7 @@ from experiment_args import (
     check_output_dir,
     cli,
     parse_args,
+    resolve_resume,
     resolved_config,
     save_config,
 )
@@ -198,11 +199,6 @@ def load_checkpoint(path: Path, players, value_head, optimizer, generator) -> tu
     return blob["state"], pickle.loads(blob["replay"])
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return ckpts[-1] if ckpts else None
-
-
 class Loggers:
     """metrics.jsonl always, TensorBoard unless report_to is none, W&B or trackio when asked."""
 
@@ -259,17 +255,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     output_dir = Path(args.output_dir)
     config = resolved_config(args, taxi_args, ignore=("resume_from_checkpoint", "overwrite_output_dir", "report_to"))
     same_run = check_output_dir(output_dir, config) if not args.overwrite_output_dir else False
-    resume = args.resume_from_checkpoint
-    if resume == "latest":
-        resume = str(latest_checkpoint(output_dir) or "")
-        if not resume:
-            raise UsageError(f"--resume_from_checkpoint latest: {output_dir} has no checkpoint-N folder")
+    resume = resolve_resume(output_dir, args.resume_from_checkpoint)
     if same_run and not resume and (output_dir / "metrics.jsonl").exists():
         raise UsageError(
             f"{output_dir} already holds this run; pass --resume_from_checkpoint latest or --overwrite_output_dir"
         )
-    if resume and not Path(resume).is_dir():
-        raise UsageError(f"--resume_from_checkpoint {resume} is not a folder")
 
     players = load_players(args.policy_path, args.reflector_path, with_reference=args.kl_coef > 0)
     check_output_dir(output_dir, config, overwrite=args.overwrite_output_dir and not resume)

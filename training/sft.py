@@ -31,7 +31,9 @@ from experiment_args import (
     atomic_write_text,
     check_output_dir,
     cli,
+    latest_checkpoint,
     parse_args,
+    resolve_resume,
     resolved_config,
     save_config,
 )
@@ -158,11 +160,6 @@ def action_accuracy(model, tokenizer, rows: list[dict], batch_size: int, max_len
     return {f"action_accuracy_{k}" if k != "all" else "action_accuracy": sum(v) / len(v) for k, v in correct.items()}
 
 
-def latest_checkpoint(output_dir: Path) -> str | None:
-    ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
-
-
 @cli
 def main(argv: list[str] | None = None) -> dict:
     from accelerate import PartialState
@@ -177,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = resolved_config(script_args, model_args, ignore=()) | {k: getattr(train_args, k) for k in RUN_KEYS}
     config["world_size"] = state.num_processes
-    resume = train_args.resume_from_checkpoint
+    resume = resolve_resume(output_dir, train_args.resume_from_checkpoint)
     # Every process checks (so all fail alike on bad input); only the main one deletes or writes.
     same_run = (
         check_output_dir(output_dir, config, compare_ignore=("training_args",))
@@ -192,12 +189,6 @@ def main(argv: list[str] | None = None) -> dict:
             f"{output_dir} holds checkpoints of this run; pass --resume_from_checkpoint latest to continue "
             "or --overwrite_output_dir to start over"
         )
-    if resume == "latest":
-        resume = latest_checkpoint(output_dir)
-        if resume is None:
-            raise UsageError(f"--resume_from_checkpoint latest: {output_dir} has no checkpoint-N folder")
-    elif resume and not Path(resume).is_dir():
-        raise UsageError(f"--resume_from_checkpoint {resume} is not a folder")
     # Load before writing anything: an unknown or unreachable model must leave no run folder behind.
     set_seed(train_args.seed)  # before the model: a new LoRA's initial weights come from the global RNG
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.cache_dir)
@@ -224,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         callbacks=[JsonlLogger(output_dir / "metrics.jsonl")],
     )
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    train_output = trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(str(output_dir))
 
     results: dict = {"train_examples": len(train_rows), "eval_examples": len(test_rows)}
