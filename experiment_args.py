@@ -41,23 +41,125 @@ def cli(main: Callable[[list[str] | None], object]) -> Callable[[list[str] | Non
     return wrapper
 
 
-def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
-    """Parse flags (and an optional ``--config file.yaml``) into the given dataclasses.
+# Named recipes for the real settings, per script. A preset only sets defaults: --config and the
+# command line override it. "paper" follows the original code (see ../shared/reference/reflect_rl.md):
+# GPT-2 XL in 8-bit, LoRA r=64 alpha=16 on c_attn, lr 2e-4, batch 1, clip 0.3; RL is REINFORCE on
+# cost-to-go (no baseline, gamma 1, no KL), Adam 2e-4, a 50-episode replay buffer of successes,
+# shuffled labels, 4 episodes per iteration and reflections sampled at T=1 with up to 100 tokens.
+# "smollm2" is the pretrained SmolLM2-135M-Instruct with LoRA on every linear layer: a setting
+# for one GPU (the CPU is too slow for it, see the README), with PPO.
+PRESETS: dict[str, dict[str, dict]] = {
+    "paper": {
+        "sft": {
+            "model_name_or_path": "gpt2-xl",
+            "load_in_8bit": True,
+            "use_peft": True,
+            "lora_r": 64,
+            "lora_alpha": 16,
+            "lora_dropout": 0.1,
+            "lora_target_modules": "c_attn",
+            "learning_rate": 2e-4,
+            "lr_scheduler_type": "constant_with_warmup",
+            "per_device_train_batch_size": 1,
+            "max_grad_norm": 0.3,
+            "max_steps": 2000,
+            "activation_checkpointing": True,
+        },
+        "rl": {
+            "algo": "reinforce",
+            "reinforce_baseline": "none",
+            "gamma": 1.0,
+            "kl_coef": 0.0,
+            "learning_rate": 2e-4,
+            "max_grad_norm": 0.3,
+            "num_envs": 4,
+            "minibatch_size": 1024,  # the paper takes one optimizer step per rollout batch
+            "replay_buffer_size": 50,
+            "replay_episodes": 1,
+            "shuffle_labels": True,
+            "iterations": 2000,
+            "save_steps": 100,
+            "reflection_max_tokens": 100,
+            "reflection_temperature": 1.0,
+        },
+        "eval": {"reflection_max_tokens": 100, "reflection_temperature": 1.0},
+    },
+    "smollm2": {
+        "sft": {
+            "model_name_or_path": "smollm2-135m",
+            "use_peft": True,
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "lora_target_modules": "all-linear",
+            "learning_rate": 2e-4,
+            "per_device_train_batch_size": 16,
+            "num_train_epochs": 3,
+        },
+        "rl": {
+            "algo": "ppo",
+            "learning_rate": 2e-5,
+            "num_envs": 64,
+            "minibatch_size": 64,
+            "update_epochs": 4,
+            "kl_coef": 0.05,
+            "target_kl": 0.05,
+            "iterations": 200,
+            "save_steps": 20,
+            "reflection_max_tokens": 64,
+            "reflection_temperature": 1.0,
+        },
+        "eval": {"reflection_max_tokens": 64, "reflection_temperature": 1.0},
+    },
+}
 
-    ``__post_init__`` failures and unknown flags become UsageError, so they print as one line.
+
+def _pop_flag(argv: list[str], flag: str) -> str | None:
+    """Remove ``flag VALUE`` (or ``flag=VALUE``) from argv and return VALUE."""
+    for i, arg in enumerate(argv):
+        if arg == flag:
+            if i + 1 >= len(argv):
+                raise UsageError(f"{flag} needs a value")
+            value = argv[i + 1]
+            del argv[i : i + 2]
+            return value
+        if arg.startswith(flag + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _as_flags(mapping: dict) -> list[str]:
+    out: list[str] = []
+    for key, value in mapping.items():
+        out += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
+    return out
+
+
+def parse_args(
+    dataclass_types: tuple, argv: list[str] | None = None, defaults: list[str] = (), scope: str = ""
+) -> tuple:
+    """Parse flags (and an optional ``--config file.yaml`` and ``--preset NAME``) into the dataclasses.
+
+    Later sources win: ``defaults``, then the preset's entry for ``scope`` (sft, rl, eval), then the
+    ``--config`` file, then the command line. ``__post_init__`` failures and unknown flags become
+    UsageError, so they print as one line.
     """
     import yaml
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
+    preset_args: list[str] = []
+    preset = _pop_flag(argv, "--preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UsageError(f"--preset {preset!r} is not one of {', '.join(PRESETS)}")
+        if scope not in PRESETS[preset]:
+            raise UsageError(f"--preset {preset} has no settings for this command; drop --preset")
+        preset_args = _as_flags(PRESETS[preset][scope])
     config_args: list[str] = []
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise UsageError("--config needs a YAML file path")
-        path = argv[i + 1]
-        del argv[i : i + 2]
+    path = _pop_flag(argv, "--config")
+    if path is not None:
         try:
             with open(path) as f:
                 recipe = yaml.safe_load(f) or {}
@@ -65,13 +167,11 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
             raise UsageError(f"cannot read --config {path}: {err}") from None
         if not isinstance(recipe, dict):
             raise UsageError(f"--config {path} must hold a mapping of flag names to values")
-        for key, value in recipe.items():
-            if isinstance(value, list):
-                config_args += [f"--{key}", *map(str, value)]
-            else:
-                config_args += [f"--{key}", str(value)]
+        config_args = _as_flags(recipe)
     try:
-        parsed = parser.parse_args_into_dataclasses(args=config_args + argv, return_remaining_strings=True)
+        parsed = parser.parse_args_into_dataclasses(
+            args=[*defaults, *preset_args, *config_args, *argv], return_remaining_strings=True
+        )
     except ValueError as err:
         raise UsageError(str(err).splitlines()[0]) from None
     *objs, remaining = parsed
@@ -170,6 +270,27 @@ def check_stages(flag: str, value: str) -> None:
     bad = [s for s in value.split(",") if s not in STAGES]
     if bad:
         raise UsageError(f"{flag} has unknown stage(s) {', '.join(bad)}; use {', '.join(STAGES)}")
+
+
+def inherited_env_flags(run_dir: str | Path, prefix: str = "taxi_", _depth: int = 0) -> list[str]:
+    """The environment flags a run was made with, as command-line flags (``[]`` if none are found).
+
+    An RL run stores them in its config.yaml; an SFT run names its data folder, whose config.yaml holds
+    them. Evaluation and RL start from these so a run is tested on the environment it learned.
+    """
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not run_dir or _depth > 3 or not path.is_file():
+        return []
+    config = yaml.safe_load(path.read_text()) or {}
+    own = {k: v for k, v in config.items() if k.startswith(prefix)}
+    if own:
+        return [x for k, v in sorted(own.items()) for x in (f"--{k}", str(v))]
+    for parent in ("data_dir", "policy_path"):
+        if config.get(parent):
+            return inherited_env_flags(config[parent], prefix, _depth + 1)
+    return []
 
 
 def save_config(output_dir: str | Path, config: dict) -> None:
@@ -305,9 +426,13 @@ class DataGenArguments:
     num_test_episodes: int = field(default=60, metadata={"help": "Held-out episodes (other seeds)."})
     random_action_rate: float = field(
         default=0.3,
+        metadata={"help": "Probability of a random (non-fatal) action instead of the oracle's (paper: 0.9)."},
+    )
+    label_source: str = field(
+        default="oracle",
         metadata={
-            "help": "Probability of a random (non-fatal) action instead of the oracle's; labels are always the "
-            "oracle's (paper: 0.9, labelled with the executed action)."
+            "help": "Action label of a trajectory step: oracle (the best action) or executed (the action taken, "
+            "random detours included: the paper's noisy labels, which leave a softer policy for RL to sharpen)."
         },
     )
     negative_rate: float = field(
@@ -325,6 +450,8 @@ class DataGenArguments:
         for name in ("random_action_rate", "negative_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UsageError(f"--{name} must be in [0, 1]")
+        if self.label_source not in ("oracle", "executed"):
+            raise UsageError(f"--label_source {self.label_source!r} is not one of oracle, executed")
 
 
 @dataclass
@@ -469,6 +596,13 @@ class RLArguments:
         metadata={"help": "0: split iterations evenly between stages; >0: advance once success rate reaches it."},
     )
     reflection_max_tokens: int = field(default=48, metadata={"help": "Token cap of one reflection."})
+    reflection_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Reflector sampling temperature (the paper: 1.0). 0 = greedy: deterministic reflections, "
+            "memoised per prompt (far faster rollouts when prompts repeat)."
+        },
+    )
     shuffle_labels: bool = field(
         default=False, metadata={"help": "Draw fresh random action labels every step (the paper's shuffle_action)."}
     )
@@ -493,6 +627,8 @@ class RLArguments:
         for name in ("iterations", "num_envs", "minibatch_size", "update_epochs", "save_steps"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive")
+        if self.reflection_temperature < 0:
+            raise UsageError("--reflection_temperature must be >= 0 (0 = greedy)")
         if self.algo == "reinforce":
             self.update_epochs = 1
         if self.curriculum:
@@ -519,6 +655,13 @@ class EvalArguments:
     greedy: bool = field(default=False, metadata={"help": "Argmax actions instead of sampling (the paper samples)."})
     seed: int = field(default=123_456, metadata={"help": "Seed of the evaluation episodes (disjoint from training)."})
     reflection_max_tokens: int = field(default=48, metadata={"help": "Token cap of one reflection."})
+    reflection_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Reflector sampling temperature (the paper: 1.0). 0 = greedy: deterministic reflections, "
+            "memoised per prompt (far faster rollouts when prompts repeat)."
+        },
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing evaluation."})
 
     def __post_init__(self):
@@ -530,5 +673,7 @@ class EvalArguments:
             raise UsageError(f"--env {self.env!r} is not one of taxi")
         if self.num_episodes <= 0 or self.batch_size <= 0:
             raise UsageError("--num_episodes and --batch_size must be positive")
+        if self.reflection_temperature < 0:
+            raise UsageError("--reflection_temperature must be >= 0 (0 = greedy)")
         if self.stages:
             check_stages("--stages", self.stages)

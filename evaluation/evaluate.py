@@ -30,6 +30,7 @@ from experiment_args import (
     UsageError,
     atomic_write_text,
     cli,
+    inherited_env_flags,
     latest_checkpoint,
     parse_args,
 )
@@ -77,7 +78,11 @@ def load_agent(args: EvalArguments):
     reflector = None
     if players.reflector_model is not None:
         reflector = Reflector(
-            players.reflector_model, players.tokenizer, players.reflector_adapter, args.reflection_max_tokens
+            players.reflector_model,
+            players.tokenizer,
+            players.reflector_adapter,
+            args.reflection_max_tokens,
+            args.reflection_temperature,
         )
     meta = {
         "reflection": reflector is not None,
@@ -106,7 +111,9 @@ def summarise(episodes) -> dict:
 
 @cli
 def main(argv: list[str] | None = None) -> dict:
-    args, taxi_args = parse_args((EvalArguments, TaxiArguments), argv)
+    args, taxi_args = parse_args((EvalArguments, TaxiArguments), argv, scope="eval")
+    # The environment the run was trained on, unless the command line says otherwise.
+    args, taxi_args = parse_args((EvalArguments, TaxiArguments), argv, inherited_env_flags(args.run_dir), scope="eval")
     output_dir = Path(args.output_dir)
     if (output_dir / "summary.json").exists() and not args.overwrite_output_dir:
         raise UsageError(

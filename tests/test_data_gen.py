@@ -66,6 +66,16 @@ def test_labels_are_oracle_actions_even_with_random_moves(tmp_path):
         assert f"Best next action: {row['action']}." in row["prompt"]
 
 
+def test_executed_labels_are_the_actions_taken(tmp_path):
+    flags = ("--random_action_rate", "0.5", "--negative_rate", "0")
+    oracle = read(generate(tmp_path / "o", *flags) / "train" / "sft_policy.jsonl")
+    executed = read(generate(tmp_path / "e", *flags, "--label_source", "executed") / "train" / "sft_policy.jsonl")
+    # the same trajectories; only the labels of the random steps change
+    assert [r["prompt"] for r in oracle] == [r["prompt"] for r in executed]
+    changed = sum(a["action"] != b["action"] for a, b in zip(oracle, executed))
+    assert 0.2 * len(oracle) < changed < 0.5 * len(oracle)
+
+
 def test_same_seed_same_data_and_rerun_is_a_noop(tmp_path, capsys):
     out = generate(tmp_path)
     first = (out / "train" / "sft_policy.jsonl").read_text()
@@ -89,6 +99,11 @@ def test_rule_reflection_texts():
     assert bad.startswith("'move north' was a mistake") and bad.endswith("Best next action: move south.")
     picked = rule_reflection(env, encode(*LOCS[0], 0, 1), 4, encode(*LOCS[0], 4, 1))
     assert "picked up the passenger" in picked and "drop-off at (0, 4)" in picked
+    # Without history the prompt does not show the last action, so the reflection is the plan alone.
+    blind = TaxiEnv(stage="full", history=False)
+    assert rule_reflection(blind, start, NORTH, encode(1, 2, 0, 1)) == (
+        "The pick-up at (0, 0) is 6 steps away. Best next action: move south."
+    )
 
 
 @pytest.mark.parametrize(

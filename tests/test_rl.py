@@ -224,3 +224,33 @@ def test_shuffled_labels_score_their_own_tokens(tiny_model_dir):
     for b, r in enumerate(rows):  # each row equals scoring it alone with its own label ids
         alone, _ = action_logprobs(model, tokenizer, [prompts[b]], [6], torch.tensor(label_token_ids(tokenizer, r)))
         torch.testing.assert_close(logprobs[b], alone[0])
+
+
+def test_greedy_reflections_are_memoised_and_match_direct_decoding(sft_runs):
+    from envs.prompt import reflection_prompt
+    from envs.taxi import TaxiEnv
+    from training.models import generate_text
+    from training.players import load_players
+    from training.rollout import Reflector
+
+    players = load_players(str(sft_runs["policy"]), str(sft_runs["reflector"]), with_reference=False)
+    reflector = Reflector(players.reflector_model, players.tokenizer, players.reflector_adapter, 8, temperature=0)
+    observations = [TaxiEnv(stage="pickup").reset(seed=s) for s in (0, 1, 0)]
+    first = reflector.reflect(observations)
+    assert first[0] == first[2] and (reflector.calls, reflector.hits) == (3, 0)
+    assert reflector.reflect(observations[:2]) == first[:2] and reflector.hits == 2
+    from training.rollout import _adapter_scope
+
+    with _adapter_scope(players.reflector_model, players.reflector_adapter):
+        direct = generate_text(
+            players.reflector_model,
+            players.tokenizer,
+            [reflection_prompt(observations[1])],
+            8,
+            greedy=True,
+            stop_strings=["\n\n#", "# Action"],
+        )
+    assert first[1] == direct[0].strip()
+    sampled = Reflector(players.reflector_model, players.tokenizer, players.reflector_adapter, 8, temperature=1.0)
+    sampled.reflect(observations)
+    assert not sampled.memo and sampled.hits == 0

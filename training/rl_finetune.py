@@ -30,6 +30,7 @@ from experiment_args import (
     UsageError,
     check_output_dir,
     cli,
+    inherited_env_flags,
     parse_args,
     resolve_resume,
     resolved_config,
@@ -245,7 +246,9 @@ def truncate_jsonl(path: Path, iteration: int) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> list[dict]:
-    args, taxi_args = parse_args((RLArguments, TaxiArguments), argv)
+    args, taxi_args = parse_args((RLArguments, TaxiArguments), argv, scope="rl")
+    # The environment the SFT data was made with, unless the command line says otherwise.
+    args, taxi_args = parse_args((RLArguments, TaxiArguments), argv, inherited_env_flags(args.policy_path), scope="rl")
 
     # 1. setup: seeding, run folder, players, value head, optimizer ------------------------------------
     random.seed(args.seed)
@@ -281,7 +284,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else None
     )
     reflector = (
-        Reflector(players.reflector_model, players.tokenizer, players.reflector_adapter, args.reflection_max_tokens)
+        Reflector(
+            players.reflector_model,
+            players.tokenizer,
+            players.reflector_adapter,
+            args.reflection_max_tokens,
+            args.reflection_temperature,
+        )
         if players.reflector_model is not None
         else None
     )
@@ -308,6 +317,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         iteration = state["iteration"]
         # 2. rollout: num_envs episodes in lockstep; seeds follow the iteration (the env cursor) -------
         t0 = time.time()
+        memo_before = (reflector.calls, reflector.hits) if reflector is not None else (0, 0)
         envs = [taxi_args.make_env(curriculum.stage) for _ in range(args.num_envs)]
         seeds = [args.seed * 1_000_003 + iteration * args.num_envs + j for j in range(args.num_envs)]
         episodes = rollout(envs, seeds, policy, reflector, reference, greedy=False, generator=generator)
@@ -426,6 +436,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "timing/update_s": update_s,
             "env/steps_per_s": stats["env/steps"] / max(rollout_s, 1e-9),
         }
+        if reflector is not None and reflector.greedy:  # timing: a resumed run starts with an empty memo
+            calls, hits = reflector.calls - memo_before[0], reflector.hits - memo_before[1]
+            row["timing/reflection_memo_hit_rate"] = hits / max(calls, 1)
         loggers.log(row, state["env_steps"])
         with open(output_dir / "episodes.jsonl", "a") as f:
             for ep in episodes[: args.log_episodes]:

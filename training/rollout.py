@@ -169,30 +169,48 @@ class LMPolicy:
 
 
 class Reflector:
-    """The frozen reflection model: writes the text after ``# Analyze:``, up to EOS or a token cap."""
+    """The frozen reflection model: writes the text after ``# Analyze:``, up to EOS or a token cap.
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        adapter: str | None = None,
-        max_new_tokens: int = 48,
-        temperature: float = 1.0,
-        greedy: bool = False,
-    ):
+    ``temperature=0`` decodes greedily. A frozen model decoding greedily is a function of its prompt, so
+    those reflections are memoised by prompt text: when prompts repeat (Taxi without history has at
+    most 500 states) rollouts soon stop paying for generation at all. ``hits``/``calls`` count it.
+    """
+
+    MEMO_LIMIT = 200_000
+
+    def __init__(self, model, tokenizer, adapter: str | None = None, max_new_tokens: int = 48, temperature=1.0):
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
-        self.max_new_tokens, self.temperature, self.greedy = max_new_tokens, temperature, greedy
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.memo: dict[str, str] = {}
+        self.hits = self.calls = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
     @torch.no_grad()
     def reflect(self, observations: list[Observation]) -> list[str]:
         prompts = [reflection_prompt(o) for o in observations]
+        self.calls += len(prompts)
+        if not self.greedy:
+            return self._generate(prompts)
+        known = {p: self.memo[p] for p in prompts if p in self.memo}
+        self.hits += sum(p in known for p in prompts)
+        todo = sorted(set(prompts) - known.keys())
+        fresh = dict(zip(todo, self._generate(todo))) if todo else {}
+        if len(self.memo) + len(fresh) > self.MEMO_LIMIT:
+            self.memo.clear()
+        self.memo.update(fresh)
+        return [known[p] if p in known else fresh[p] for p in prompts]
+
+    def _generate(self, prompts: list[str]) -> list[str]:
         with _adapter_scope(self.model, self.adapter):
             texts = generate_text(
                 self.model,
                 self.tokenizer,
                 prompts,
                 self.max_new_tokens,
-                self.temperature,
+                self.temperature or 1.0,
                 greedy=self.greedy,
                 stop_strings=["\n\n#", "# Action"],
             )

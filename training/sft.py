@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate import PartialState
     from datasets import Dataset
 
-    script_args, model_args, train_args = parse_args((SFTScriptArguments, ModelArguments, SFTTrainingArguments), argv)
+    script_args, model_args, train_args = parse_args(
+        (SFTScriptArguments, ModelArguments, SFTTrainingArguments), argv, scope="sft"
+    )
     state = PartialState()
     output_dir = Path(train_args.output_dir)
     train_rows = read_jsonl(script_args.data_file("train"), "--data_dir")

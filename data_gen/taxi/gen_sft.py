@@ -4,7 +4,8 @@
     python -m data_gen.taxi.gen_sft --output_dir data/taxi_gpt --reflector api --reflector_model gpt-4o-mini-2024-07-18
 
 Trajectories follow the BFS oracle, with a random (non-fatal) action instead at rate
-``--random_action_rate``; every visited state is labelled with the oracle's action. At rate
+``--random_action_rate``; every visited state is labelled with the oracle's action, or with the
+action actually taken under ``--label_source executed`` (the paper's noisy labels). At rate
 ``--negative_rate`` a step also yields a **negative example**: a wrong move is taken on a copy of the
 env, and the state it leads to gets a reflection that names the mistake and the correction, labelled
 with the oracle's correcting action (the paper's negative examples, section 4).
@@ -59,12 +60,13 @@ def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArgume
     prev_state, last_action, steps = None, None, []
     while not env.done:
         state = env.state
-        label = env.oracle_action()
+        best = env.oracle_action()
+        action = rng.choice(safe_actions(state)) if rng.random() < args.random_action_rate else best
         steps.append(
             dict(
                 obs=obs,
                 reflection=reflect(prev_state, last_action, state, obs),
-                label=label,
+                label=action if args.label_source == "executed" else best,
                 kind="positive",
                 step=env.steps,
             )
@@ -84,7 +86,6 @@ def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArgume
                         step=branch.steps,
                     )
                 )
-        action = rng.choice(safe_actions(state)) if rng.random() < args.random_action_rate else label
         obs, *_ = env.step(action)
         prev_state, last_action = state, action
     return steps

@@ -1,7 +1,9 @@
 """Taxi reflections: the built-in rule-based reflector and the chat messages for an API reflector.
 
 A reflection says what the last action did, whether it helped, and the plan (the oracle's next
-action), as the paper's GPT-4 reflections did with their "spoiler" of the best action.
+action), as the paper's GPT-4 reflections did with their "spoiler" of the best action. The verdict on
+the last action is written only when the prompt shows it (``--taxi_history true``): a reflector that
+cannot see the last action could only guess it, so without history a reflection is the plan alone.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def rule_reflection(env: TaxiEnv, prev_state: int | None, action: int | None, st
     # Steps to the next milestone (pick-up, then drop-off); the drop-off counts its final action.
     left = int(goal_distances("pickup" if phase == "pick-up" else "deliver")[state])
     plan = f"The {phase} at {_target(state)} is {left} step{'' if left == 1 else 's'} away. Best next action: {best}."
+    if not env.history:
+        return plan
     if prev_state is None or action is None:
         return f"Start. {plan}"
     name = ACTIONS[action]
