@@ -9,7 +9,7 @@ STAGE=${STAGE:-dropoff}
 REFLECTOR_STEPS=${REFLECTOR_STEPS:-400}
 SFT_STEPS=${SFT_STEPS:-300}
 RL_ITERS=${RL_ITERS:-30}
-EVAL_EPISODES=${EVAL_EPISODES:-100}
+EVAL_EPISODES=${EVAL_EPISODES:-200}
 # No action history (prompts are a function of the state, so greedy reflections are memoised) and a
 # success-only reward (the paper's shaping taught early crashes here; see the README).
 TAXI_EXTRA=${TAXI_EXTRA-"--taxi_history false --taxi_reward success"}

@@ -91,18 +91,19 @@ def test_rule_reflection_texts():
     start = encode(2, 2, 0, 1)  # passenger at R (0, 0); a wall blocks (1, 2) -> (1, 1), so west first
     assert optimal_actions(start) == [WEST]
     assert rule_reflection(env, None, None, start) == (
-        "Start. The pick-up at (0, 0) is 5 steps away. Best next action: move west."
+        "Start. Best next action: move west. The pick-up at (0, 0) is 5 steps away."
     )
     good = rule_reflection(env, start, WEST, encode(2, 1, 0, 1))
-    assert good.startswith("'move west' was good: it got closer. The pick-up at (0, 0) is 4 steps away.")
+    assert good.startswith("'move west' was good: it got closer. Best next action:")
+    assert good.endswith("The pick-up at (0, 0) is 4 steps away.")
     bad = rule_reflection(env, start, NORTH, encode(1, 2, 0, 1))
-    assert bad.startswith("'move north' was a mistake") and bad.endswith("Best next action: move south.")
+    assert bad.startswith("'move north' was a mistake") and "Best next action: move south." in bad
     picked = rule_reflection(env, encode(*LOCS[0], 0, 1), 4, encode(*LOCS[0], 4, 1))
     assert "picked up the passenger" in picked and "drop-off at (0, 4)" in picked
     # Without history the prompt does not show the last action, so the reflection is the plan alone.
     blind = TaxiEnv(stage="full", history=False)
     assert rule_reflection(blind, start, NORTH, encode(1, 2, 0, 1)) == (
-        "The pick-up at (0, 0) is 6 steps away. Best next action: move south."
+        "Best next action: move south. The pick-up at (0, 0) is 6 steps away."
     )
 
 
