@@ -41,3 +41,15 @@ def tiny_model_dir(model_cache):
     from training.models import resolve_model_path
 
     return resolve_model_path("tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that load models in a test process: a 128-wide model gains nothing from two torch threads,
+    and on a busy machine their barrier waits cost 20x. Use with ``pytest.mark.usefixtures``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

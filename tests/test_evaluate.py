@@ -52,20 +52,8 @@ def test_oracle_succeeds_everywhere_it_can(tmp_path):
 
 def test_random_agent_rarely_succeeds_and_outputs_are_written(tmp_path):
     out = tmp_path / "random"
-    summary = evaluate.main(
-        [
-            "--agent",
-            "random",
-            "--output_dir",
-            str(out),
-            "--num_episodes",
-            "60",
-            "--stages",
-            "dropoff",
-            "--batch_size",
-            "16",
-        ]
-    )
+    flags = ["--agent", "random", "--num_episodes", "60", "--stages", "dropoff", "--batch_size", "16"]
+    summary = evaluate.main(["--output_dir", str(out), *flags])
     stage = summary["stages"]["dropoff"]
     assert stage["success_rate"] < 0.1 and stage["episodes"] == 60
     assert stage["success_ci95"][0] <= stage["success_rate"] <= stage["success_ci95"][1]
@@ -73,20 +61,7 @@ def test_random_agent_rarely_succeeds_and_outputs_are_written(tmp_path):
     episodes = [json.loads(line) for line in open(out / "episodes.jsonl")]
     assert len(episodes) == 60 and all(e["steps"] for e in episodes)
     # the same seeds give the same episodes
-    again = evaluate.main(
-        [
-            "--agent",
-            "random",
-            "--output_dir",
-            str(tmp_path / "r2"),
-            "--num_episodes",
-            "60",
-            "--stages",
-            "dropoff",
-            "--batch_size",
-            "16",
-        ]
-    )
+    again = evaluate.main(["--output_dir", str(tmp_path / "r2"), *flags])
     assert again["stages"] == summary["stages"]
 
 

@@ -8,7 +8,6 @@ import urllib.request
 
 import openai
 import pytest
-import torch
 
 from evaluation import serve
 from evaluation.backends import BackendError, LocalBackend, OpenAIBackend
@@ -18,13 +17,7 @@ KEY = "sk-test-do-not-leak-7c1d9e"
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Query: my card is lost"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """A 128-wide model gains nothing from two threads, and on a busy machine their barrier waits cost 20x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
