@@ -163,8 +163,13 @@ def parse_args(
         try:
             with open(path) as f:
                 recipe = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise UsageError(f"cannot read --config {path}: {err}") from None
+        except OSError as err:
+            raise UsageError(f"cannot read --config {path}: {err.strerror or err}") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise UsageError(f"--config {path} is not valid YAML ({where}{problem})") from None
         if not isinstance(recipe, dict):
             raise UsageError(f"--config {path} must hold a mapping of flag names to values")
         config_args = _as_flags(recipe)
@@ -263,6 +268,24 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> str:
     return resume or ""
 
 
+def check_numbers(
+    args, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (), unit: tuple[str, ...] = ()
+) -> None:
+    """Numeric flags must be finite, and > 0, >= 0 or in [0, 1] as listed; else a one-line UsageError."""
+    import math
+
+    for name in (*positive, *non_negative, *unit):
+        value = getattr(args, name)
+        if not math.isfinite(value):
+            raise UsageError(f"--{name} must be a finite number, not {value}")
+        if name in positive and value <= 0:
+            raise UsageError(f"--{name} must be > 0, not {value}")
+        if name in non_negative and value < 0:
+            raise UsageError(f"--{name} must be >= 0, not {value}")
+        if name in unit and not 0 <= value <= 1:
+            raise UsageError(f"--{name} must be in [0, 1], not {value}")
+
+
 def check_stages(flag: str, value: str) -> None:
     """A comma-separated list of Taxi curriculum stages (``--curriculum``, ``--stages``)."""
     from envs.taxi import STAGES
@@ -291,6 +314,24 @@ def inherited_env_flags(run_dir: str | Path, prefix: str = "taxi_", _depth: int 
         if config.get(parent):
             return inherited_env_flags(config[parent], prefix, _depth + 1)
     return []
+
+
+# What an RL run decided about how its policy sees the world, beyond the environment: evaluation uses the
+# same, so the evaluated agent is the trained one (flags on the command line still win).
+RL_FLAGS_EVAL_INHERITS = ("reflection_max_tokens", "reflection_temperature", "shuffle_labels")
+
+
+def inherited_run_flags(run_dir: str | Path, names: tuple[str, ...] = RL_FLAGS_EVAL_INHERITS) -> list[str]:
+    """``names`` from an RL run's config.yaml as command-line flags (``[]`` for any other folder)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml" if run_dir else None
+    if path is None or not path.is_file():
+        return []
+    config = yaml.safe_load(path.read_text()) or {}
+    if "policy_path" not in config:  # an SFT run: nothing RL-specific to inherit
+        return []
+    return [x for k in names if k in config for x in (f"--{k}", str(config[k]))]
 
 
 def save_config(output_dir: str | Path, config: dict) -> None:
@@ -566,7 +607,30 @@ class RLArguments:
         default="", metadata={"help": "SFT reflector run folder; empty runs the no-reflection setting."}
     )
     algo: str = field(
-        default="ppo", metadata={"help": "ppo (clipped, value head, GAE, KL) or reinforce (the paper's)."}
+        default="ppo",
+        metadata={
+            "help": "ppo (clipped, value head, GAE, KL), reinforce (the paper's), rloo or grpo (group_size "
+            "episodes per task, the group as baseline, no critic)."
+        },
+    )
+    group_size: int = field(
+        default=1, metadata={"help": "rloo/grpo: episodes of the same task (seed) per group; divides num_envs."}
+    )
+    scale_group_std: bool = field(
+        default=True, metadata={"help": "grpo: divide group-centred advantages by the group's std."}
+    )
+    group_by_state: bool = field(
+        default=False,
+        metadata={
+            "help": "rloo/grpo: add GiGPO's step-level term: steps of a group taken from the same env state "
+            "share a baseline at that state."
+        },
+    )
+    step_advantage_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the step-level term of --group_by_state (GiGPO's omega)."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast in forward passes; default: where CUDA supports it."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of everything: episode starts, sampling, LoRA init."})
     iterations: int = field(default=50, metadata={"help": "Rollout + update rounds."})
@@ -577,7 +641,10 @@ class RLArguments:
     clip_coef: float = field(default=0.2, metadata={"help": "PPO ratio clip."})
     vf_coef: float = field(default=0.5, metadata={"help": "Value loss weight."})
     ent_coef: float = field(default=0.0, metadata={"help": "Entropy bonus weight."})
-    kl_coef: float = field(default=0.02, metadata={"help": "Weight of the k3 KL to the frozen SFT policy (0: off)."})
+    kl_coef: float = field(
+        default=0.02,
+        metadata={"help": "Weight of KL(pi || SFT policy), exact over the action labels, in the loss (0: off)."},
+    )
     target_kl: float = field(
         default=0.0, metadata={"help": "Stop an update's epochs once approx_kl exceeds it (0: off)."}
     )
@@ -616,19 +683,51 @@ class RLArguments:
     max_bad_updates: int = field(default=3, metadata={"help": "Non-finite updates in a row before the run stops."})
 
     def __post_init__(self):
-        if self.algo not in ("ppo", "reinforce"):
-            raise UsageError(f"--algo {self.algo!r} is not one of ppo, reinforce")
+        if self.algo not in ("ppo", "reinforce", "rloo", "grpo"):
+            raise UsageError(f"--algo {self.algo!r} is not one of ppo, reinforce, rloo, grpo")
         if self.env not in ("taxi",):
             raise UsageError(f"--env {self.env!r} is not one of taxi")
         if not self.policy_path:
             raise UsageError("--policy_path is required (an SFT run folder from training.sft)")
         if self.reinforce_baseline not in ("none", "mean", "value"):
             raise UsageError(f"--reinforce_baseline {self.reinforce_baseline!r} is not one of none, mean, value")
-        for name in ("iterations", "num_envs", "minibatch_size", "update_epochs", "save_steps"):
+        for name in ("iterations", "num_envs", "minibatch_size", "update_epochs", "save_steps", "group_size"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive")
-        if self.reflection_temperature < 0:
-            raise UsageError("--reflection_temperature must be >= 0 (0 = greedy)")
+        for name in ("replay_buffer_size", "replay_episodes", "log_episodes", "reflection_max_tokens"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name} must be >= 0")
+        check_numbers(
+            self,
+            positive=("learning_rate", "max_grad_norm", "clip_coef"),
+            non_negative=(
+                "vf_coef",
+                "ent_coef",
+                "kl_coef",
+                "target_kl",
+                "reflection_temperature",
+                "step_advantage_weight",
+                "curriculum_switch",
+            ),
+            unit=("gamma", "gae_lambda", "curriculum_switch"),
+        )
+        if self.max_bad_updates <= 0:
+            raise UsageError("--max_bad_updates must be positive")
+        if self.algo in ("rloo", "grpo"):
+            if self.group_size < 2:
+                raise UsageError(f"--algo {self.algo} needs --group_size >= 2 (episodes of one task compared)")
+            if self.num_envs % self.group_size:
+                raise UsageError(f"--num_envs {self.num_envs} must be a multiple of --group_size {self.group_size}")
+            if self.replay_buffer_size > 0:
+                raise UsageError(
+                    "--replay_buffer_size needs --algo ppo or reinforce (a replayed episode has no group)"
+                )
+        elif self.group_size != 1 or self.group_by_state:
+            raise UsageError("--group_size and --group_by_state need --algo rloo or grpo")
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         if self.algo == "reinforce":
             self.update_epochs = 1
         if self.curriculum:
@@ -662,6 +761,9 @@ class EvalArguments:
             "memoised per prompt (far faster rollouts when prompts repeat)."
         },
     )
+    shuffle_labels: bool = field(
+        default=False, metadata={"help": "Fresh random action labels every step (an RL run's own setting by default)."}
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing evaluation."})
 
     def __post_init__(self):
@@ -673,7 +775,8 @@ class EvalArguments:
             raise UsageError(f"--env {self.env!r} is not one of taxi")
         if self.num_episodes <= 0 or self.batch_size <= 0:
             raise UsageError("--num_episodes and --batch_size must be positive")
-        if self.reflection_temperature < 0:
-            raise UsageError("--reflection_temperature must be >= 0 (0 = greedy)")
+        if self.reflection_max_tokens < 0:
+            raise UsageError("--reflection_max_tokens must be >= 0")
+        check_numbers(self, non_negative=("reflection_temperature",))
         if self.stages:
             check_stages("--stages", self.stages)

@@ -13,6 +13,7 @@ always has ``success`` (bool, meaningful once the episode ends) and ``invalid_ac
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,3 +59,11 @@ class TextEnv(ABC):
     @abstractmethod
     def current_actions(self) -> list[str]:
         """The admissible actions of the current state."""
+
+    def state_key(self) -> Hashable | None:
+        """A hashable key of the current environment state, equal exactly when two states are the same
+        (optional: ``--group_by_state`` needs it; None means the environment has none)."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 (optional: most environments hold nothing)
+        """Release what the environment holds (processes, files); a no-op by default."""

@@ -247,6 +247,12 @@ class TaxiEnv(TextEnv):
     def oracle_action(self) -> int:
         return oracle_action(self.state, self.stage)
 
+    def state_key(self) -> tuple:
+        """The grid state, plus the action history when the observation shows it (then it is part of
+        what the policy sees) and whether the passenger was picked up (it changes the rewards)."""
+        history = tuple(self.action_history) if self.history else ()
+        return (self.state, self.picked_up, history)
+
     def oracle_action_at(self, state: int) -> int:
         return oracle_action(state, self.stage)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ from experiment_args import (
     atomic_write_text,
     cli,
     inherited_env_flags,
+    inherited_run_flags,
     latest_checkpoint,
     parse_args,
 )
@@ -74,7 +76,10 @@ def load_agent(args: EvalArguments):
     players = load_players(policy_path, reflector_path, with_reference=False, trainable=False)
     if checkpoint is not None:
         load_policy_weights(checkpoint, players)
-    policy = LMPolicy(players.policy_model, players.tokenizer, None, players.policy_adapter)
+    players.to(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    policy = LMPolicy(
+        players.policy_model, players.tokenizer, None, players.policy_adapter, shuffle_labels=args.shuffle_labels
+    )
     reflector = None
     if players.reflector_model is not None:
         reflector = Reflector(
@@ -112,8 +117,10 @@ def summarise(episodes) -> dict:
 @cli
 def main(argv: list[str] | None = None) -> dict:
     args, taxi_args = parse_args((EvalArguments, TaxiArguments), argv, scope="eval")
-    # The environment the run was trained on, unless the command line says otherwise.
-    args, taxi_args = parse_args((EvalArguments, TaxiArguments), argv, inherited_env_flags(args.run_dir), scope="eval")
+    # The environment the run was trained on and, for an RL run, its reflection and label settings,
+    # unless the command line says otherwise: what is evaluated is what was trained.
+    inherited = inherited_env_flags(args.run_dir) + inherited_run_flags(args.run_dir)
+    args, taxi_args = parse_args((EvalArguments, TaxiArguments), argv, inherited, scope="eval")
     output_dir = Path(args.output_dir)
     if (output_dir / "summary.json").exists() and not args.overwrite_output_dir:
         raise UsageError(
@@ -123,11 +130,15 @@ def main(argv: list[str] | None = None) -> dict:
     stages = args.stages.split(",") if args.stages else [taxi_args.taxi_stage]
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the reflector samples from the global generator
+    random.seed(args.seed)  # shuffled labels draw from Python's
     summary = {
         "name": args.name or output_dir.name,
         "agent": args.agent,
         "run_dir": args.run_dir,
         "greedy": args.greedy,
+        "reflection_max_tokens": args.reflection_max_tokens,
+        "reflection_temperature": args.reflection_temperature,
+        "shuffle_labels": args.shuffle_labels,
         **meta,
         "stages": {},
     }

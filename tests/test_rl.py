@@ -1,6 +1,7 @@
 """Online RL: returns/GAE and the PPO loss by hand, which weights train, resume, non-finite updates."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -8,7 +9,16 @@ from safetensors.torch import load_file
 
 from data_gen.taxi import gen_sft
 from training import rl_finetune, sft
-from training.rl_finetune import Curriculum, discounted_returns, gae, k3_kl, ppo_losses
+from training.rl_finetune import (
+    Curriculum,
+    compute_advantages,
+    discounted_returns,
+    exact_kl,
+    gae,
+    group_centred,
+    ppo_losses,
+)
+from training.rollout import Bootstrap, Episode, Step
 
 
 def test_discounted_returns_three_steps():
@@ -38,15 +48,82 @@ def test_ppo_loss_hand_made_batch():
     adv = torch.tensor([1.0, 1.0, -1.0])
     loss, stats = ppo_losses(new, old, adv, clip_coef=0.2)
     # per sample max(-A r, -A clip(r)): -min(1.5, 1.2) = -1.2; -min(0.5, 0.8) = -0.5; max(1.0, 1.0) = 1.0
-    assert float(loss) == pytest.approx((-1.2 - 0.5 + 1.0) / 3)
-    assert stats["policy/clipfrac"] == pytest.approx(2 / 3)
-    assert stats["policy/approx_kl"] > 0
+    assert loss.tolist() == pytest.approx([-1.2, -0.5, 1.0])
+    assert float(stats["policy/clipfrac"].mean()) == pytest.approx(2 / 3)
+    assert float(stats["policy/approx_kl"].mean()) > 0
 
 
-def test_k3_kl_is_zero_at_equal_and_positive_otherwise():
-    lp = torch.log(torch.tensor([0.2, 0.7]))
-    assert torch.allclose(k3_kl(lp, lp), torch.zeros(2))
-    assert bool((k3_kl(lp, torch.log(torch.tensor([0.5, 0.1]))) > 0).all())
+def test_exact_kl_is_kl_pi_ref_over_admissible_labels_with_its_gradient():
+    # pi = (0.7, 0.2, 0.1), ref = (0.2, 0.2, 0.6), a 4th label not admissible (-inf in both)
+    pi_logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).requires_grad_(True)
+    logprobs = torch.cat([torch.log_softmax(pi_logits, -1), torch.tensor([[float("-inf")]])], -1)
+    ref = torch.log(torch.tensor([[0.2, 0.2, 0.6, 0.0]]))
+    kl = exact_kl(logprobs, ref)
+    by_hand = 0.7 * math.log(0.7 / 0.2) + 0.2 * math.log(1.0) + 0.1 * math.log(0.1 / 0.6)
+    reverse = 0.2 * math.log(0.2 / 0.7) + 0.2 * math.log(1.0) + 0.6 * math.log(0.6 / 0.1)  # KL(ref || pi)
+    assert float(kl.detach()) == pytest.approx(by_hand, rel=1e-5) and abs(by_hand - reverse) > 0.1
+    kl.sum().backward()
+    # d KL(pi||ref) / d logit_a = pi_a * (log pi_a/ref_a - KL)
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.2, 0.2, 0.6])
+    torch.testing.assert_close(pi_logits.grad[0], p * ((p / q).log() - by_hand))
+    assert torch.isfinite(pi_logits.grad).all()
+    assert float(exact_kl(logprobs.detach(), logprobs.detach())) == pytest.approx(0.0, abs=1e-7)
+
+
+def _step(reward, value=0.0, key=None):
+    return Step("p", 2, 0, -0.5, 0.5, value, -0.5, reward, False, False, False, state_key=key)
+
+
+def _episode(rewards, seed=0, values=None, keys=None, bootstrap=None):
+    values = values or [0.0] * len(rewards)
+    keys = keys or [None] * len(rewards)
+    boot = Bootstrap("p", 2, ["0", "1"], bootstrap) if bootstrap is not None else None
+    return Episode(seed, "full", [_step(r, v, k) for r, v, k in zip(rewards, values, keys)], bootstrap=boot)
+
+
+def test_truncated_episode_bootstraps_from_the_value_of_its_last_state():
+    ep = _episode([0.0, 1.0], values=[0.5, 0.25], bootstrap=2.0)
+    adv, ret = compute_advantages([ep], "ppo", gamma=0.9, gae_lambda=1.0)
+    # lambda 1: returns are Monte-Carlo with the tail V(s_T) = 2: G_1 = 1 + 0.9 * 2, G_0 = 0.9 * G_1
+    assert ret[0] == pytest.approx([0.9 * 2.8, 2.8])
+    assert adv[0] == pytest.approx([0.9 * 2.8 - 0.5, 2.8 - 0.25])
+    terminal = _episode([0.0, 1.0], values=[0.5, 0.25])
+    assert compute_advantages([terminal], "ppo", 0.9, 1.0)[1][0] == pytest.approx([0.9, 1.0])
+    assert discounted_returns([0.0, 1.0], 0.5, bootstrap=4.0) == pytest.approx([1.5, 3.0])
+
+
+def test_reinforce_mean_baseline_leaves_the_episode_out():
+    # returns at t=0: 3, 1, 2 (gamma 1); only the third episode reaches t=1 (return 2 there)
+    batch = [_episode([3.0]), _episode([1.0]), _episode([0.0, 2.0])]
+    adv, _ = compute_advantages(batch, "reinforce", gamma=1.0, reinforce_baseline="mean")
+    assert adv[0] == pytest.approx([3 - (1 + 2) / 2])
+    assert adv[1] == pytest.approx([1 - (3 + 2) / 2])
+    # t=0: 2 - (3 + 1) / 2; t=1: no other episode got there, so no baseline (not an advantage of 0)
+    assert adv[2] == pytest.approx([2 - 2.0, 2.0])
+
+
+def test_rloo_and_grpo_group_baselines():
+    batch = [_episode([1.0], seed=7), _episode([0.0], seed=7), _episode([0.0, 0.0], seed=7), _episode([5.0], seed=8)]
+    adv, _ = compute_advantages(batch, "rloo", gamma=1.0)
+    assert adv[0] == pytest.approx([1.0]) and adv[1] == pytest.approx([-0.5])
+    assert adv[2] == pytest.approx([-0.5, -0.5]) and adv[3] == pytest.approx([0.0])  # a group of one
+    adv, _ = compute_advantages(batch, "grpo", gamma=1.0)
+    std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
+    assert adv[0] == pytest.approx([(2 / 3) / std], rel=1e-5) and adv[1] == pytest.approx([(-1 / 3) / std], rel=1e-5)
+    adv, _ = compute_advantages(batch, "grpo", gamma=1.0, scale_group_std=False)
+    assert adv[0] == pytest.approx([2 / 3])
+    assert group_centred([2.0], loo=True, scale=False) == [0.0]
+
+
+def test_group_by_state_adds_a_step_level_baseline_per_shared_state():
+    # one group of 2 episodes: both start in state "s" and reach "t"; the first then wins
+    a = _episode([0.0, 1.0], seed=1, keys=["s", "t"])
+    b = _episode([0.0, 0.0, 0.0], seed=1, keys=["s", "t", "u"])
+    adv, ret = compute_advantages([a, b], "rloo", gamma=0.5, group_by_state=True, step_advantage_weight=2.0)
+    episode_term = [1.0, -1.0]  # total rewards 1 and 0, leave-one-out
+    # step returns: a = (0.5, 1.0), b = (0, 0, 0); per state, leave-one-out: s: 0.5 - 0, t: 1 - 0; u alone: 0
+    assert adv[0] == pytest.approx([episode_term[0] + 2 * 0.5, episode_term[0] + 2 * 1.0])
+    assert adv[1] == pytest.approx([episode_term[1] - 2 * 0.5, episode_term[1] - 2 * 1.0, episode_term[1]])
 
 
 def test_curriculum_switches_by_iteration_and_by_success():
@@ -177,7 +254,8 @@ def test_resume_gives_identical_metrics(sft_runs, tmp_path):
 
 def test_non_finite_updates_are_skipped_then_stop(sft_runs, tmp_path, monkeypatch, capsys):
     def nan_losses(new, old, adv, clip):
-        return new.sum() * float("nan"), {}
+        zeros = torch.zeros_like(new).detach()
+        return new * float("nan"), {"policy/approx_kl": zeros, "policy/clipfrac": zeros}
 
     monkeypatch.setattr(rl_finetune, "ppo_losses", nan_losses)
     out = tmp_path / "nan"

@@ -47,6 +47,17 @@ class Players:
     reference_adapter: str | None
     model_args: ModelArguments
 
+    def to(self, device: torch.device | str) -> Players:
+        """Move every model to ``device``, except quantised ones (bitsandbytes placed them on load)."""
+        seen = set()
+        for model in (self.policy_model, self.reflector_model, self.reference_model):
+            if model is None or id(model) in seen:
+                continue
+            seen.add(id(model))
+            if not getattr(model, "is_quantized", False):
+                model.to(device)
+        return self
+
 
 def load_players(policy_path: str, reflector_path: str = "", with_reference: bool = True, trainable: bool = True):
     """The policy (trainable unless told otherwise), the frozen reflector (if a path is given) and
@@ -82,8 +93,11 @@ def load_players(policy_path: str, reflector_path: str = "", with_reference: boo
     if is_adapter(policy_path) != policy_args.use_peft:
         raise UsageError(f"--policy_path {policy_path} does not hold the model its config.yaml describes")
     policy = load_model(policy_args, adapter_path=policy_path, trainable=trainable)
+    # A LoRA policy on its own base has peft's "default" adapter; naming it lets checkpoints save and
+    # load the adapter layout (a None name used to look for a full model.safetensors).
+    policy_adapter = policy.active_adapter if policy_args.use_peft else None
     reflector = None
     if reflector_args is not None:
         reflector = load_model(reflector_args, adapter_path=reflector_path, trainable=False)
     reference = load_model(policy_args, adapter_path=policy_path, trainable=False) if with_reference else None
-    return Players(tokenizer, policy, None, reflector, None, reference, None, policy_args)
+    return Players(tokenizer, policy, policy_adapter, reflector, None, reference, None, policy_args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,20 @@ class Step:
     invalid: bool
     reflection: str | None = None
     labels: list[str] = field(default_factory=list)
+    # (A,) the frozen reference's log-probs over this step's labels (-inf past n_actions): the exact
+    # KL(pi || ref) over the label distribution needs the whole row, not the sampled action's entry
+    ref_logprobs: list[float] | None = None
+    state_key: Hashable | None = None  # the env's state before the step (GiGPO's step groups)
+
+
+@dataclass
+class Bootstrap:
+    """The policy prompt of the state an episode was truncated in, and V of it (for GAE)."""
+
+    prompt: str
+    n_actions: int
+    labels: list[str]
+    value: float = 0.0
 
 
 @dataclass
@@ -47,6 +62,9 @@ class Episode:
     stage: str
     steps: list[Step] = field(default_factory=list)
     success: bool = False
+    # set when the horizon cut the episode and the agent has a value head: the return does not end
+    # there unless the observation shows the time left (Taxi without history, ALFWorld)
+    bootstrap: Bootstrap | None = None
 
     @property
     def ret(self) -> float:
@@ -252,11 +270,14 @@ def rollout(
     reference: LMPolicy | None = None,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    bootstrap: bool = False,
 ) -> list[Episode]:
     """Run one episode in each env (seeded by ``seeds``) in lockstep; returns the episodes in order.
 
     ``reflector=None`` is the no-reflection setting: the prompt has no ``# Analyze:`` section.
-    ``reference`` (the frozen SFT policy) adds ``ref_logprob`` to each step for the KL term.
+    ``reference`` (the frozen SFT policy) adds ``ref_logprob`` and ``ref_logprobs`` to each step for
+    the KL term. With ``bootstrap`` (an agent with a value head) an episode cut by the horizon gets
+    the prompt and value of the state it stopped in (reflected like any other state).
     """
     if len(envs) != len(seeds):
         raise ValueError("one seed per environment")
@@ -270,14 +291,18 @@ def rollout(
         labels = [agent.labels(len(o.actions)) for o in obs]
         prompts = [policy_prompt(o, lab, r) for o, lab, r in zip(obs, labels, reflections)]
         decision = agent.act([envs[i] for i in live], obs, prompts, greedy, generator, labels)
-        ref_logprobs = [0.0] * len(live)
+        ref_rows: list[list[float] | None] = [None] * len(live)
         if reference is not None:
             with torch.no_grad():
                 ref, _, _ = reference.score(prompts, [len(o.actions) for o in obs], labels)
-            ref_logprobs = [float(ref[b, a]) if a is not None else 0.0 for b, a in enumerate(decision.actions)]
-        still_live = []
+            ref_rows = ref.float().cpu().tolist()
+        ref_logprobs = [
+            float(ref_rows[b][a]) if a is not None and ref_rows[b] else 0.0 for b, a in enumerate(decision.actions)
+        ]
+        still_live, cut = [], []
         for b, i in enumerate(live):
             action = decision.actions[b]
+            key = envs[i].state_key()
             next_obs, reward, terminated, truncated, info = envs[i].step(action)
             episodes[i].steps.append(
                 Step(
@@ -294,15 +319,32 @@ def rollout(
                     invalid=bool(info.get("invalid_action", action is None)),
                     reflection=reflections[b],
                     labels=labels[b],
+                    ref_logprobs=ref_rows[b],
+                    state_key=key,
                 )
             )
             observations[i] = next_obs
             if terminated or truncated:
                 episodes[i].success = bool(info.get("success", False))
+                if truncated and not terminated:
+                    cut.append(i)
             else:
                 still_live.append(i)
+        if bootstrap and cut:
+            _bootstrap(agent, reflector, [observations[i] for i in cut], [episodes[i] for i in cut])
         live = still_live
     return episodes
+
+
+@torch.no_grad()
+def _bootstrap(agent, reflector, observations: list[Observation], episodes: list[Episode]) -> None:
+    reflections = reflector.reflect(observations) if reflector is not None else [None] * len(observations)
+    labels = [agent.labels(len(o.actions)) for o in observations]
+    prompts = [policy_prompt(o, lab, r) for o, lab, r in zip(observations, labels, reflections)]
+    n_actions = [len(o.actions) for o in observations]
+    _, _, values = agent.score(prompts, n_actions, labels)
+    for ep, prompt, n, lab, v in zip(episodes, prompts, n_actions, labels, values.float().cpu().tolist()):
+        ep.bootstrap = Bootstrap(prompt, n, lab, v)
 
 
 def episode_stats(episodes: list[Episode]) -> dict[str, float]:
