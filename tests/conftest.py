@@ -11,6 +11,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes of CPU or a large model; run with --runslow")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped where it is absent (run with -m gpu on a GPU)")
 
 
 def pytest_collection_modifyitems(config, items):

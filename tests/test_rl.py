@@ -268,10 +268,21 @@ def test_non_finite_updates_are_skipped_then_stop(sft_runs, tmp_path, monkeypatc
 
 
 def test_bad_rl_flags(sft_runs, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("learning_rate: 1e-4\nalgo: [ppo\n")
     for flags, needle in (
         (["--algo", "a2c"], "--algo"),
         (["--policy_path", str(tmp_path / "none")], "--policy_path"),
         (["--curriculum", "pickup,fly"], "--curriculum"),
+        (["--learning_rate", "-1"], "--learning_rate"),
+        (["--learning_rate", "nan"], "--learning_rate"),
+        (["--gamma", "1.5"], "--gamma"),
+        (["--kl_coef", "inf"], "--kl_coef"),
+        (["--algo", "grpo"], "--group_size"),
+        (["--algo", "rloo", "--group_size", "3"], "--num_envs"),
+        (["--algo", "grpo", "--group_size", "2", "--replay_buffer_size", "4"], "--replay_buffer_size"),
+        (["--group_by_state"], "--algo rloo or grpo"),
+        (["--config", str(recipe)], "line 3, column 1"),
     ):
         with pytest.raises(SystemExit):
             rl_finetune.main(["--policy_path", str(sft_runs["policy"]), "--output_dir", str(tmp_path / "x"), *flags])
@@ -332,3 +343,225 @@ def test_greedy_reflections_are_memoised_and_match_direct_decoding(sft_runs):
     sampled = Reflector(players.reflector_model, players.tokenizer, players.reflector_adapter, 8, temperature=1.0)
     sampled.reflect(observations)
     assert not sampled.memo and sampled.hits == 0
+
+
+def test_lora_policy_without_a_shared_base_resumes_and_evaluates(sft_runs, tmp_path):
+    # the README's "RL without reflection" ablation: a LoRA policy on its own base
+    from evaluation import evaluate
+
+    flags = ["--iterations", "2", "--save_steps", "1", "--learning_rate", "1e-2"]
+    out = tmp_path / "plain"
+    rl(out, sft_runs, *flags, reflect=False)
+    assert (out / "checkpoint-2" / "policy" / "adapter_model.safetensors").exists()
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-2")
+    resumed = rl(out, sft_runs, *flags, "--resume_from_checkpoint", "latest", reflect=False)
+    assert [r["iteration"] for r in resumed] == [1]
+    summary = evaluate.main(
+        ["--run_dir", str(out), "--output_dir", str(tmp_path / "eval"), "--num_episodes", "2", "--batch_size", "2"]
+    )
+    assert summary["checkpoint"].endswith("checkpoint-2") and summary["stages"]
+
+
+def test_rl_leaves_the_reflector_and_the_base_untouched(sft_runs, tmp_path, monkeypatch):
+    from training import players as players_module
+
+    captured = {}
+
+    def capture(*a, **k):
+        captured["players"] = players_module.load_players(*a, **k)
+        model = captured["players"].policy_model
+        captured["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return captured["players"]
+
+    monkeypatch.setattr(rl_finetune, "load_players", capture)
+    rl(tmp_path / "rl", sft_runs, "--iterations", "2", "--learning_rate", "1e-2")
+    after = dict(captured["players"].policy_model.named_parameters())
+    changed = {n for n, p in captured["before"].items() if not torch.equal(p, after[n].detach())}
+    assert changed and all(".policy." in n for n in changed)  # only the policy adapter moved
+    assert any(".reflector." in n for n in captured["before"]) and any(".reference." in n for n in captured["before"])
+
+
+def test_replayed_episodes_get_fresh_logprobs_and_values(sft_runs):
+    import dataclasses
+
+    from envs.taxi import TaxiEnv
+    from training.players import load_players
+    from training.rl_finetune import refresh_replayed
+    from training.rollout import LMPolicy, rollout
+
+    players = load_players(str(sft_runs["plain"]), with_reference=False)
+    head = torch.nn.Linear(players.policy_model.config.hidden_size, 1)
+    policy = LMPolicy(players.policy_model, players.tokenizer, head, players.policy_adapter)
+    envs = [TaxiEnv(stage="pickup", horizon=2) for _ in range(3)]
+    episodes = rollout(envs, [0, 1, 2], policy, bootstrap=True)
+    stale = [
+        dataclasses.replace(
+            ep,
+            steps=[dataclasses.replace(s, logprob=-9.0, value=9.0) for s in ep.steps],
+            bootstrap=dataclasses.replace(ep.bootstrap, value=9.0) if ep.bootstrap else None,
+        )
+        for ep in episodes
+    ]
+    fresh = refresh_replayed(stale, policy)
+    for old, new in zip(episodes, fresh):
+        for a, b in zip(old.steps, new.steps):
+            if a.action is not None:
+                assert b.logprob == pytest.approx(a.logprob, abs=1e-5) and b.value == pytest.approx(a.value, abs=1e-5)
+        if old.bootstrap is not None:
+            assert new.bootstrap.value == pytest.approx(old.bootstrap.value, abs=1e-5)
+    assert stale[0].steps[0].logprob == -9.0  # the replay buffer's own copy is not modified
+
+
+def test_rollout_records_the_truncated_state_for_bootstrapping(sft_runs):
+    from envs.prompt import policy_prompt
+    from envs.taxi import TaxiEnv
+    from training.players import load_players
+    from training.rollout import LMPolicy, rollout
+
+    players = load_players(str(sft_runs["plain"]), with_reference=False)
+    head = torch.nn.Linear(players.policy_model.config.hidden_size, 1)
+    policy = LMPolicy(players.policy_model, players.tokenizer, head, players.policy_adapter)
+    envs = [TaxiEnv(stage="pickup", horizon=1, danger=False) for _ in range(4)]
+    episodes = rollout(envs, [0, 1, 2, 3], policy, bootstrap=True)
+    cut = [ep for ep in episodes if ep.steps[-1].truncated and not ep.steps[-1].terminated]
+    assert cut and all(ep.bootstrap is not None for ep in cut)
+    for ep, env in zip(episodes, envs):
+        if ep.bootstrap is not None:
+            assert ep.bootstrap.prompt == policy_prompt(env.observation(), ep.bootstrap.labels)
+            _, _, v = policy.score([ep.bootstrap.prompt], [ep.bootstrap.n_actions])
+            assert ep.bootstrap.value == pytest.approx(float(v[0].detach()), abs=1e-5)
+    assert all(ep.bootstrap is None for ep in rollout(envs, [0, 1, 2, 3], policy))  # off unless asked
+
+
+def test_checkpoint_rng_includes_cuda_when_present(monkeypatch):
+    from training.rl_finetune import rng_state, set_rng_state
+
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([1, 2, 3], dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.setdefault("cuda", states))
+    gen = torch.Generator().manual_seed(1)
+    state = rng_state(gen)
+    assert state["cuda"][0].tolist() == [1, 2, 3]
+    set_rng_state(state, gen)
+    assert calls["cuda"][0].tolist() == [1, 2, 3]
+
+
+def test_evaluation_inherits_the_runs_reflection_and_label_settings(sft_runs, tmp_path):
+    from evaluation import evaluate
+
+    out = tmp_path / "rl"
+    rl(
+        out,
+        sft_runs,
+        "--iterations",
+        "1",
+        "--reflection_temperature",
+        "0",
+        "--reflection_max_tokens",
+        "5",
+        "--shuffle_labels",
+    )
+    common = ["--run_dir", str(out), "--num_episodes", "2", "--batch_size", "2"]
+    summary = evaluate.main([*common, "--output_dir", str(tmp_path / "e1")])
+    assert (summary["reflection_temperature"], summary["reflection_max_tokens"], summary["shuffle_labels"]) == (
+        0.0,
+        5,
+        True,
+    )
+    summary = evaluate.main([*common, "--output_dir", str(tmp_path / "e2"), "--reflection_temperature", "0.5"])
+    assert summary["reflection_temperature"] == 0.5  # the command line still wins
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_group_algorithms_run_on_taxi(sft_runs, tmp_path, algo):
+    flags = ["--iterations", "1", "--algo", algo, "--group_size", "2", "--group_by_state", "--kl_coef", "0.1"]
+    history = rl(tmp_path / algo, sft_runs, *flags)
+    assert "loss/value" not in history[0] and "policy/clipfrac" in history[0] and "objective/kl" in history[0]
+    episodes = [json.loads(line) for line in open(tmp_path / algo / "episodes.jsonl")]
+    assert episodes[0]["seed"] == episodes[1]["seed"]  # a group: two episodes of one task
+
+
+def _launch_two(out, runs, *flags, wait=True):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",  # torchrun; without CUDA each process runs on the CPU over gloo
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "training.rl_finetune",
+        "--policy_path",
+        str(runs["policy"]),
+        "--reflector_path",
+        str(runs["reflector"]),
+        "--output_dir",
+        str(out),
+        "--num_envs",
+        "4",
+        "--reflection_max_tokens",
+        "8",
+        "--report_to",
+        "none",
+        "--taxi_stage",
+        "pickup",
+        "--minibatch_size",
+        "8",
+        *flags,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_process_rl_matches_shape_and_resumes_after_a_kill(sft_runs, tmp_path):
+    import os
+    import shutil
+    import signal
+    import time
+
+    flags = ["--iterations", "4", "--save_steps", "2", "--learning_rate", "1e-2", "--replay_buffer_size", "4"]
+    single = rl(tmp_path / "single", sft_runs, *flags)
+    _launch_two(tmp_path / "full", sft_runs, *flags)
+    full = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [r["iteration"] for r in full] == [0, 1, 2, 3] and set(full[0]) == set(single[0])
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoint-4").glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
+
+    part = tmp_path / "part"
+    proc = _launch_two(part, sft_runs, *flags, wait=False)
+    deadline = time.time() + 300
+    while not (part / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    proc.wait()
+    assert (part / "checkpoint-2").is_dir(), proc.stderr.read()[-3000:]
+    shutil.rmtree(part / "checkpoint-4", ignore_errors=True)  # if it got that far before the kill
+    _launch_two(part, sft_runs, *flags, "--resume_from_checkpoint", "latest")
+    resumed = [json.loads(line) for line in open(part / "metrics.jsonl")]
+    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3]
+    for a, b in zip(full, resumed):
+        assert set(a) == set(b)
+        for key in a:
+            if isinstance(a[key], str):
+                assert a[key] == b[key]
+            elif not key.startswith(("timing/", "env/steps_per_s")):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

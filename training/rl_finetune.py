@@ -382,7 +382,7 @@ def truncate_jsonl(path: Path, iteration: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the run
+# data-parallel and replay helpers
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -424,6 +424,18 @@ def all_reduce_(tensors: list[torch.Tensor], accelerator) -> None:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
 
 
+def check_in_sync(params: list[torch.Tensor], accelerator) -> None:
+    """Raise if the processes' trainable weights differ (they take identical steps, so they never should)."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        local = torch.stack([sum(p.double().sum() for p in params), sum(p.double().abs().sum() for p in params)])
+    gathered = [torch.zeros_like(local) for _ in range(accelerator.num_processes)]
+    torch.distributed.all_gather(gathered, local)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError("the processes' policy weights diverged; please report this with the command you ran")
+
+
 # ---------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------
@@ -438,7 +450,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, taxi_args = parse_args((RLArguments, TaxiArguments), argv, inherited_env_flags(args.policy_path), scope="rl")
 
     # 1. setup: processes, seeding, run folder, players, value head, optimizer -------------------------
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no")
+    # cpu=True where there is no CUDA: accelerate then runs several processes over gloo (else it would
+    # treat each launched process as a lone one)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if args.bf16 else "no")
     rank, world, main_process = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if args.num_envs % world:
         raise UsageError(f"--num_envs {args.num_envs} must be divisible by the number of processes ({world})")
@@ -452,7 +466,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     output_dir = Path(args.output_dir)
     config = resolved_config(args, taxi_args, ignore=("resume_from_checkpoint", "overwrite_output_dir", "report_to"))
     config["num_processes"] = world
-    same_run = check_output_dir(output_dir, config) if not args.overwrite_output_dir else False
+    # a run may resume on another number of processes (with a warning that its sampling differs)
+    same_run = (
+        check_output_dir(output_dir, config, compare_ignore=("num_processes",))
+        if not args.overwrite_output_dir
+        else False
+    )
     resume = resolve_resume(output_dir, args.resume_from_checkpoint)
     if same_run and not resume and (output_dir / "metrics.jsonl").exists():
         raise UsageError(
@@ -463,7 +482,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     players.to(accelerator.device)
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes it
     if main_process:
-        check_output_dir(output_dir, config, overwrite=args.overwrite_output_dir and not resume)
+        check_output_dir(
+            output_dir, config, overwrite=args.overwrite_output_dir and not resume, compare_ignore=("num_processes",)
+        )
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(output_dir, config)
 
@@ -708,6 +729,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # 6. checkpoint ------------------------------------------------------------------------------
         bad = state["bad_updates"] >= args.max_bad_updates
         if state["iteration"] % args.save_steps == 0 or state["iteration"] == args.iterations or bad:
+            check_in_sync(params, accelerator)
             save_checkpoint(
                 output_dir / f"checkpoint-{state['iteration']}",
                 accelerator,
