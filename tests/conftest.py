@@ -1,8 +1,18 @@
 """Shared fixtures: a private model cache for the whole session, tiny-gpt2 built once, ``--runslow``."""
 
 import os
+import sys
 
 import pytest
+
+
+def accelerate_launch(num_processes: int) -> list[str]:
+    """The command prefix that starts ``num_processes`` processes with accelerate. --multi_gpu launches
+    torchrun; without CUDA each process runs on the CPU over gloo (--cpu would start a single one)."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
 
 
 def pytest_addoption(parser):

@@ -169,23 +169,13 @@ def sft_runs(tmp_path_factory, model_cache):
     return runs
 
 
+# the small run every RL test starts from
+RL_FLAGS = ["--num_envs", "4", "--reflection_max_tokens", "8", "--report_to", "none"]
+RL_FLAGS += ["--taxi_stage", "pickup", "--minibatch_size", "8"]
+
+
 def rl(out, runs, *flags, reflect=True):
-    base = [
-        "--policy_path",
-        str(runs["policy" if reflect else "plain"]),
-        "--output_dir",
-        str(out),
-        "--num_envs",
-        "4",
-        "--reflection_max_tokens",
-        "8",
-        "--report_to",
-        "none",
-        "--taxi_stage",
-        "pickup",
-        "--minibatch_size",
-        "8",
-    ]
+    base = ["--policy_path", str(runs["policy" if reflect else "plain"]), "--output_dir", str(out), *RL_FLAGS]
     if reflect:
         base += ["--reflector_path", str(runs["reflector"])]
     return rl_finetune.main(base + list(flags))
@@ -487,42 +477,12 @@ def test_group_algorithms_run_on_taxi(sft_runs, tmp_path, algo):
 def _launch_two(out, runs, *flags, wait=True):
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",  # torchrun; without CUDA each process runs on the CPU over gloo
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "training.rl_finetune",
-        "--policy_path",
-        str(runs["policy"]),
-        "--reflector_path",
-        str(runs["reflector"]),
-        "--output_dir",
-        str(out),
-        "--num_envs",
-        "4",
-        "--reflection_max_tokens",
-        "8",
-        "--report_to",
-        "none",
-        "--taxi_stage",
-        "pickup",
-        "--minibatch_size",
-        "8",
-        *flags,
-    ]
+    from conftest import accelerate_launch
+
+    cmd = [*accelerate_launch(2), "-m", "training.rl_finetune", "--policy_path", str(runs["policy"])]
+    cmd += ["--reflector_path", str(runs["reflector"]), "--output_dir", str(out), *RL_FLAGS, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parents[1]
     if not wait:

@@ -3,10 +3,10 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import accelerate_launch
 from safetensors.torch import load_file
 
 from data_gen.taxi import gen_sft
@@ -116,21 +116,8 @@ def test_8bit_lora_sft_runs_on_cpu(data_dir, tmp_path):
 
 def test_accelerate_launch_two_processes(tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "ddp"
-    # --multi_gpu launches torchrun; without CUDA each process trains on the CPU over gloo. (--cpu would
-    # run a single process.)
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(2),
         "-m",
         "training.sft",
         "--role",
