@@ -525,3 +525,43 @@ def test_two_process_rl_matches_shape_and_resumes_after_a_kill(sft_runs, tmp_pat
                 assert a[key] == b[key]
             elif not key.startswith(("timing/", "env/steps_per_s")):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_identical_prompts_are_scored_once_with_the_same_outputs_and_gradients(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from envs.prompt import policy_prompt
+    from envs.taxi import TaxiEnv
+    from training.models import load_tokenizer
+    from training.rollout import LMPolicy
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    policy = LMPolicy(model, tokenizer, head)
+    labels = policy.labels(6)
+    a, b = (policy_prompt(TaxiEnv().reset(seed=s), labels) for s in (0, 1))
+    prompts = [a, b, a, a]
+
+    def run(dedup: bool):
+        model.zero_grad()
+        head.zero_grad()
+        if dedup:
+            lp, ent, v = policy.score(prompts, [6] * 4, [labels] * 4)
+        else:  # each row alone: no deduplication possible
+            rows = [policy.score([p], [6], [labels]) for p in prompts]
+            lp, ent, v = (torch.cat([r[i] for r in rows]) for i in range(3))
+        weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        ((lp[:, 2] * weights).sum() + (v * weights).sum() + ent.sum()).backward()
+        grads = [p.grad.clone() for p in [*model.parameters(), *head.parameters()] if p.grad is not None]
+        return lp.detach(), v.detach(), grads
+
+    before = (policy.rows_scored, policy.rows_computed)
+    lp, v, grads = run(dedup=True)
+    assert (policy.rows_scored - before[0], policy.rows_computed - before[1]) == (4, 2)
+    lp_ref, v_ref, grads_ref = run(dedup=False)
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(grads_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)

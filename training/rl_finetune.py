@@ -552,6 +552,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # Seeds follow the iteration (the env cursor); a group of group_size episodes shares one seed.
         t0 = time.time()
         memo_before = (reflector.calls, reflector.hits) if reflector is not None else (0, 0)
+        rows_before = (policy.rows_scored, policy.rows_computed)
         if curriculum.stage not in envs_by_stage:
             envs_by_stage[curriculum.stage] = [taxi_args.make_env(curriculum.stage) for _ in range(local_envs)]
         envs = envs_by_stage[curriculum.stage]
@@ -707,6 +708,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "timing/update_s": update_s,
             "env/steps_per_s": stats["env/steps"] / max(rollout_s, 1e-9),
         }
+        scored, computed = policy.rows_scored - rows_before[0], policy.rows_computed - rows_before[1]
+        row["timing/policy_rows_deduplicated"] = 1 - computed / max(scored, 1)  # identical prompts run once
         if reflector is not None and reflector.greedy:  # timing: a resumed run starts with an empty memo
             calls, hits = reflector.calls - memo_before[0], reflector.hits - memo_before[1]
             row["timing/reflection_memo_hit_rate"] = hits / max(calls, 1)

@@ -44,6 +44,7 @@ class Step:
     # KL(pi || ref) over the label distribution needs the whole row, not the sampled action's entry
     ref_logprobs: list[float] | None = None
     state_key: Hashable | None = None  # the env's state before the step (GiGPO's step groups)
+    probs: list[float] | None = None  # (n_actions,) the policy's distribution over the labels (for viewers)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Episode:
                     "prob": math.exp(s.logprob) if math.isfinite(s.logprob) else None,
                     "reward": s.reward,
                     "invalid": s.invalid,
+                    "probs": s.probs,
                 }
                 for s in self.steps
             ],
@@ -101,6 +103,9 @@ class Decision:
     logprobs: list[float]
     entropies: list[float]
     values: list[float]
+    # per live env, the probabilities over its admissible actions (None: the agent has none, or the row
+    # was not finite)
+    probs: list[list[float] | None] | None = None
 
 
 def _adapter_scope(model, adapter: str | None):
@@ -126,6 +131,7 @@ class LMPolicy:
         self.model, self.tokenizer, self.value_head = model, tokenizer, value_head
         self.adapter, self.max_length = adapter, max_length
         self.shuffle_labels = shuffle_labels
+        self.rows_scored = self.rows_computed = 0  # rows asked for and rows run (identical rows run once)
         self._labels: list[str] = []
         self._ids: dict[str, int] = {}
 
@@ -150,9 +156,28 @@ class LMPolicy:
 
     def score(self, prompts: list[str], n_actions: list[int], labels: list[list[str]] | None = None):
         """(logprobs (B, A), entropy (B,), values (B,) or None); differentiable. ``labels`` are each
-        prompt's labels (default: the unshuffled ones)."""
+        prompt's labels (default: the unshuffled ones).
+
+        Identical rows (same prompt, same labels) get one forward pass whose outputs are repeated: the
+        same numbers, and in backward the repeated rows' gradients add up, exactly as separate rows'
+        would. Taxi without history has at most 500 prompts, so most of a batch repeats.
+        """
         if labels is None:
             labels = [self.labels(max(n_actions))] * len(prompts)
+        first: dict[tuple, int] = {}
+        inverse = [first.setdefault((p, n, tuple(lab)), len(first)) for p, n, lab in zip(prompts, n_actions, labels)]
+        self.rows_scored += len(prompts)
+        self.rows_computed += len(first)
+        if len(first) == len(prompts):
+            return self._score(prompts, n_actions, labels)
+        unique = list(first)
+        logprobs, entropy, values = self._score(
+            [u[0] for u in unique], [u[1] for u in unique], [list(u[2]) for u in unique]
+        )
+        index = torch.tensor(inverse, device=logprobs.device)
+        return logprobs[index], entropy[index], values[index] if values is not None else None
+
+    def _score(self, prompts: list[str], n_actions: list[int], labels: list[list[str]]):
         ids = self.label_ids(labels)
         with _adapter_scope(self.model, self.adapter):
             if self.value_head is None:
@@ -173,17 +198,20 @@ class LMPolicy:
         logprobs = logprobs.float().cpu()
         actions: list[int | None] = []
         chosen: list[float] = []
+        probs: list[list[float] | None] = []
         for b in range(len(prompts)):
             row = logprobs[b, : n_actions[b]]
             if not torch.isfinite(row.exp().sum()) or not bool(torch.isfinite(row).any()):
                 actions.append(None)  # non-finite logits: an invalid action, counted by the env
                 chosen.append(float("nan"))
+                probs.append(None)
                 continue
             a = int(row.argmax()) if greedy else int(torch.multinomial(row.exp(), 1, generator=generator))
             actions.append(a)
             chosen.append(float(row[a]))
+            probs.append(row.exp().tolist())
         vals = values.float().cpu().tolist() if values is not None else [0.0] * len(prompts)
-        return Decision(actions, chosen, entropy.float().cpu().tolist(), vals)
+        return Decision(actions, chosen, entropy.float().cpu().tolist(), vals, probs)
 
 
 class Reflector:
@@ -321,6 +349,7 @@ def rollout(
                     labels=labels[b],
                     ref_logprobs=ref_rows[b],
                     state_key=key,
+                    probs=decision.probs[b] if decision.probs is not None else None,
                 )
             )
             observations[i] = next_obs
