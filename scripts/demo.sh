@@ -44,4 +44,5 @@ $PY -m evaluation.evaluate --agent oracle --output_dir "$RUN/eval/oracle" --name
 stamp "6/6 comparison and plots"
 $PY -m evaluation.compare "$RUN"/eval/*
 $PY -m visualization.plot "$RUN/reflect_rl" "$RUN/rl_noreflect" "$RUN"/eval/* --output_dir "$RUN/plots"
-stamp "done: table above, plots in $RUN/plots"
+$PY -m visualization.episodes "$RUN/eval/sft_only" "$RUN/eval/reflect_rl" --output "$RUN/plots/episodes.html"
+stamp "done: table above, plots and episodes.html (SFT-only vs Reflect-RL, side by side) in $RUN/plots"
