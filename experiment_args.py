@@ -404,9 +404,21 @@ class TaxiArguments:
         default="paper",
         metadata={"help": "paper (gym's rewards / 20, -10/20 danger) or success (1 on success, else 0)."},
     )
+    taxi_dropoff_start: str = field(
+        default="pickup",
+        metadata={
+            "help": "Where the dropoff stage starts: pickup (the passenger's spot, 12 starts, as the paper) or "
+            "anywhere (any cell but the destination, 96 starts)."
+        },
+    )
 
     def __post_init__(self):
-        from envs.taxi import STAGES
+        from envs.taxi import DROPOFF_STARTS, STAGES
+
+        if self.taxi_dropoff_start not in DROPOFF_STARTS:
+            raise UsageError(
+                f"--taxi_dropoff_start {self.taxi_dropoff_start!r} is not one of {', '.join(DROPOFF_STARTS)}"
+            )
 
         if self.taxi_stage not in STAGES:
             raise UsageError(f"--taxi_stage {self.taxi_stage!r} is not one of {', '.join(STAGES)}")
@@ -426,6 +438,7 @@ class TaxiArguments:
             instructions=self.taxi_instructions,
             history=self.taxi_history,
             reward=self.taxi_reward,
+            dropoff_start=self.taxi_dropoff_start,
         )
 
 

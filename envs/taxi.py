@@ -13,7 +13,9 @@ deterministic). Changes, as in the paper:
 - ``reward="success"`` (not in the paper) pays 1 for finishing the stage and 0 otherwise.
 - **Stages** (curriculum): ``pickup`` ends with success on the first pick-up; ``dropoff`` starts
   with the passenger already in the taxi, at the spot where it was picked up (what the original's
-  oracle replay produced), and succeeds on delivery; ``full`` succeeds on delivery. Success is
+  oracle replay produced), and succeeds on delivery; ``full`` succeeds on delivery. With
+  ``dropoff_start="anywhere"`` the drop-off stage starts with the passenger in the taxi on any cell but
+  the destination (96 start states instead of 12). Success is
   ``info["success"]`` and is reachable in every stage (the original's threshold of -1 for the
   non-curriculum setting was not).
 """
@@ -30,6 +32,7 @@ from envs.base import Observation, TextEnv
 ACTIONS = ["move south", "move north", "move east", "move west", "pick up passenger", "drop off passenger"]
 STAGES = ("pickup", "dropoff", "full")
 REWARDS = ("paper", "success")
+DROPOFF_STARTS = ("pickup", "anywhere")
 IN_TAXI = 4
 REWARD_SCALE = 20.0
 DANGER_REWARD = -10.0 / REWARD_SCALE
@@ -170,6 +173,7 @@ class TaxiEnv(TextEnv):
         instructions: bool = False,
         history: bool = True,
         reward: str = "paper",
+        dropoff_start: str = "pickup",
     ):
         if reward not in REWARDS:
             raise ValueError(f"unknown Taxi reward {reward!r}; choose one of {', '.join(REWARDS)}")
@@ -177,6 +181,9 @@ class TaxiEnv(TextEnv):
             raise ValueError(f"unknown Taxi stage {stage!r}; choose one of {', '.join(STAGES)}")
         if horizon <= 0:
             raise ValueError("the Taxi horizon must be positive")
+        if dropoff_start not in DROPOFF_STARTS:
+            raise ValueError(f"unknown drop-off start {dropoff_start!r}; choose one of {', '.join(DROPOFF_STARTS)}")
+        self.dropoff_start = dropoff_start
         self.stage, self.horizon, self.danger = stage, horizon, danger
         self.coordinates, self.instructions, self.history = coordinates, instructions, history
         self.reward_mode = reward
@@ -193,7 +200,12 @@ class TaxiEnv(TextEnv):
         state = int(rng.choice(starts))
         if self.stage == "dropoff":
             row, col, passenger, destination = decode(state)
-            state = encode(*LOCS[passenger], IN_TAXI, destination)
+            if self.dropoff_start == "anywhere":
+                cells = [(r, c) for r in range(5) for c in range(5) if (r, c) != LOCS[destination]]
+                row, col = cells[int(rng.integers(len(cells)))]
+                state = encode(row, col, IN_TAXI, destination)
+            else:
+                state = encode(*LOCS[passenger], IN_TAXI, destination)
         self.state, self.steps, self.done = state, 0, False
         self.picked_up = self.stage == "dropoff"
         self.action_history = []

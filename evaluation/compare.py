@@ -88,7 +88,10 @@ def table_rows(summaries: list[dict]) -> list[dict[str, str]]:
         for stage in stages:
             row[stage] = success_cell(summary["stages"].get(stage))
         stats = summary["stages"].get(last)
-        for column, key, fmt in ((f"ret ({last})", "return_mean", ".2f"), (f"len ({last})", "length_mean", ".1f")):
+        columns = [(f"ret ({last})", "return_mean", ".2f"), (f"len ({last})", "length_mean", ".1f")]
+        if any(s["stages"].get(last, {}).get("distinct_starts") for s in summaries):
+            columns.append(("starts", "distinct_starts", "d"))  # how many independent tests the interval has
+        for column, key, fmt in columns:
             value = stats.get(key) if stats else None
             row[column] = "-" if value is None else format(value, fmt)
         rows.append(row)

@@ -6,9 +6,10 @@
     python -m evaluation.evaluate --agent oracle --output_dir runs/eval/oracle --stages pickup,dropoff,full
 
 The episodes are the same for every run (``--seed``), and they go through ``training.rollout.rollout``,
-the function RL trains with. Writes ``summary.json`` (per stage: success rate with a 95% Wilson
-interval, mean return and length, invalid-action rate) and ``episodes.jsonl`` (full transcripts with
-reflections).
+the function RL trains with. Writes ``summary.json`` (per stage: success rate with a 95% interval
+that resamples start states, since episodes from one start are not independent tests, and the Wilson
+interval over episodes; distinct start states; mean return and length; invalid-action rate) and
+``episodes.jsonl`` (full transcripts with reflections).
 """
 
 from __future__ import annotations
@@ -48,6 +49,26 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def start_bootstrap_interval(
+    successes: list[bool], starts: list, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the success rate that resamples start states, not episodes.
+
+    Episodes from the same start state are not independent tests (Taxi's dropoff stage has 12 starts),
+    so the interval draws whole start states with replacement and pools their episodes.
+    """
+    groups: dict = {}
+    for won, start in zip(successes, starts):
+        wins_count = groups.setdefault(start, [0, 0])
+        wins_count[0] += int(won)
+        wins_count[1] += 1
+    wins = np.array([w for w, _ in groups.values()], dtype=np.float64)
+    counts = np.array([c for _, c in groups.values()], dtype=np.float64)
+    pick = np.random.default_rng(seed).integers(len(groups), size=(resamples, len(groups)))
+    rates = wins[pick].sum(1) / counts[pick].sum(1)
+    return float(np.quantile(rates, 0.025)), float(np.quantile(rates, 0.975))
 
 
 def load_agent(args: EvalArguments):
@@ -103,10 +124,18 @@ def summarise(episodes) -> dict:
     wins = sum(e.success for e in episodes)
     returns = np.array([e.ret for e in episodes])
     stats = episode_stats(episodes)
+    starts = [ep.steps[0].state_key if ep.steps else None for ep in episodes]
+    known = all(s is not None for s in starts)
+    wilson = list(wilson_interval(wins, n))
+    by_start = list(start_bootstrap_interval([e.success for e in episodes], starts)) if known else None
     return {
         "episodes": n,
+        "distinct_starts": len(set(starts)) if known else None,
         "success_rate": wins / n,
-        "success_ci95": list(wilson_interval(wins, n)),
+        # the honest interval where the environment says which episodes share a start state
+        "success_ci95": by_start or wilson,
+        "success_ci95_wilson": wilson,
+        "success_ci95_starts": by_start,
         "return_mean": float(returns.mean()),
         "return_std": float(returns.std()),
         "length_mean": stats["env/episode_length"],

@@ -80,3 +80,30 @@ def test_bad_eval_flags(tmp_path, capsys, flags, needle):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and not (tmp_path / "e").exists()
+
+
+def test_start_bootstrap_interval_counts_start_states_not_episodes():
+    from evaluation.evaluate import start_bootstrap_interval, wilson_interval
+
+    # 200 episodes from 4 start states: two always won, two always lost
+    successes = [True] * 100 + [False] * 100
+    starts = [0] * 50 + [1] * 50 + [2] * 50 + [3] * 50
+    lo, hi = start_bootstrap_interval(successes, starts)
+    w_lo, w_hi = wilson_interval(100, 200)
+    assert lo <= 0.5 <= hi and hi - lo > 2 * (w_hi - w_lo)  # 4 independent tests, not 200
+    # one episode per start: close to the episode-level interval
+    lo1, hi1 = start_bootstrap_interval(successes, list(range(200)))
+    assert abs((hi1 - lo1) - (w_hi - w_lo)) < 0.03
+
+
+def test_taxi_dropoff_can_start_anywhere():
+    from envs.taxi import IN_TAXI, LOCS, TaxiEnv, decode
+
+    env = TaxiEnv(stage="dropoff", dropoff_start="anywhere")
+    starts = set()
+    for seed in range(2000):
+        env.reset(seed=seed)
+        row, col, passenger, destination = decode(env.state)
+        assert passenger == IN_TAXI and (row, col) != LOCS[destination] and env.state_key()[0] == env.state
+        starts.add(env.state)
+    assert len(starts) == 96
