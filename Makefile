@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 # The whole pipeline on the embedded tiny-gpt2 (scripts/demo.sh says each step).
 demo: $(STAMP)
 	PYTHON=$(PY) bash scripts/demo.sh $(RUN)
+
+# Speed and memory ratios, measured side by side (benchmarks/run.py); BENCH_ARGS=--quick or --scaling.
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
