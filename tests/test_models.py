@@ -248,3 +248,17 @@ def test_smollm2_converts_from_gguf_and_generates(tmp_path):
         assert texts[0].strip() and "<|im_end|>" not in texts[0]
     finally:
         shutil.rmtree(path, ignore_errors=True)  # 0.5 GB; nothing else uses it
+
+
+def test_inverse_cdf_sampler_draws_from_the_tempered_distribution():
+    from training.models import InverseCDFSampler
+
+    torch.manual_seed(0)
+    scores = torch.log(torch.tensor([[0.5, 0.0, 0.3, 0.2]])).repeat(4000, 1)  # 4000 rows at once
+    rows = InverseCDFSampler(1.0)(None, scores)
+    assert bool((rows.max(-1).values == 0).all()) and int(torch.isfinite(rows).sum()) == 4000  # one-hot rows
+    freq = torch.bincount(rows.argmax(-1), minlength=4).float() / 4000
+    assert freq[1] == 0 and torch.allclose(freq, torch.tensor([0.5, 0.0, 0.3, 0.2]), atol=0.03)
+    hot = torch.bincount(InverseCDFSampler(0.5)(None, scores).argmax(-1), minlength=4).float() / 4000
+    tempered = torch.tensor([0.25, 0.0, 0.09, 0.04]) / 0.38  # p^2, normalised
+    assert torch.allclose(hot, tempered, atol=0.03)
