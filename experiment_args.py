@@ -748,6 +748,22 @@ class RLArguments:
 
 
 @dataclass
+class PlanCheckArguments:
+    """How often a Taxi reflector's plan is a shortest-path action (evaluation/taxi_plans.py)."""
+
+    reflector_path: str = field(default="", metadata={"help": "SFT reflector run folder (training.sft)."})
+    reflection_max_tokens: int = field(default=32, metadata={"help": "Token cap of one reflection."})
+    batch_size: int = field(default=64, metadata={"help": "States reflected on at once."})
+    output: str = field(default="", metadata={"help": "Also write the result (wrong states included) as JSON."})
+
+    def __post_init__(self):
+        if not self.reflector_path:
+            raise UsageError("--reflector_path is required (an SFT reflector run folder from training.sft)")
+        if self.reflection_max_tokens <= 0 or self.batch_size <= 0:
+            raise UsageError("--reflection_max_tokens and --batch_size must be positive")
+
+
+@dataclass
 class EvalArguments:
     """Evaluation of a trained policy or a reference agent (evaluation/evaluate.py)."""
 

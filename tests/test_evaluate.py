@@ -107,3 +107,21 @@ def test_taxi_dropoff_can_start_anywhere():
         assert passenger == IN_TAXI and (row, col) != LOCS[destination] and env.state_key()[0] == env.state
         starts.add(env.state)
     assert len(starts) == 96
+
+
+def test_taxi_plan_accuracy_counts_shortest_path_plans():
+    from data_gen.taxi.reflection import rule_reflection
+    from envs.taxi import TaxiEnv, optimal_actions
+    from evaluation.taxi_plans import plan_accuracy, plan_action, stage_states
+
+    assert (len(stage_states("pickup")), len(stage_states("dropoff")), len(stage_states("full"))) == (300, 100, 400)
+    env = TaxiEnv(stage="dropoff", history=False, coordinates=True)
+
+    def oracle(observations):  # the rule reflector's plan is the oracle's action
+        return [rule_reflection(env, None, None, o.extra["state"]) for o in observations]
+
+    assert plan_accuracy(oracle, env)["accuracy"] == 1.0
+    south = plan_accuracy(lambda obs: ["Best next action: move south. Then drive."] * len(obs), env)
+    expected = sum(0 in optimal_actions(s, "dropoff") for s in stage_states("dropoff")) / 100
+    assert south["accuracy"] == pytest.approx(expected) and 0 < expected < 1
+    assert plan_action("no plan here") is None and plan_action("Best next action: fly.") is None
