@@ -307,6 +307,8 @@ def run(args: ICRLArguments, backend_args: BackendArguments, backend: Backend | 
         usage = backend.usage.to_dict()
         if hasattr(backend, "prefix_tokens_reused"):  # local: prompt tokens served from its prefix KV cache
             usage["prefix_tokens_reused"] = backend.prefix_tokens_reused
+            # tokens run to build those caches: prefilled = prompt_tokens - reused + computed
+            usage["prefix_tokens_computed"] = backend.prefix_tokens_computed
         usage = add_usage(previous_usage, usage)
         summary = summarize(args, task, history, metrics, steps, {**extra, "backend_usage": usage})
         atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
