@@ -30,6 +30,7 @@ from pathlib import Path
 from envs.prompt import ACTION_HEAD, ACTIONS_HEAD
 from evaluation.compare import STAGE_ORDER, unique_labels
 from experiment_args import UsageError, atomic_write_text, cli
+from visualization.jsonl import read_rows
 
 WHAT_TO_PASS = "pass evaluation folders from evaluation.evaluate or run folders from training.rl_finetune"
 
@@ -37,21 +38,11 @@ WHAT_TO_PASS = "pass evaluation folders from evaluation.evaluate or run folders 
 def read_episodes(path: Path) -> list[dict]:
     """The rows of an episodes.jsonl; UsageError naming the file and line of the first row that is not
     an episode. An unterminated last line is skipped: a live run may be halfway through appending it."""
-    try:
-        lines = path.read_text().split("\n")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read {path}: {err}; {WHAT_TO_PASS}") from None
+    parsed, skipped = read_rows(path, WHAT_TO_PASS)
+    if skipped:
+        print(f"note: skipped the unfinished last line of {path}", file=sys.stderr)
     rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            if number == len(lines):
-                print(f"note: skipped the unfinished last line of {path}", file=sys.stderr)
-                break
-            raise UsageError(f"{path} line {number} is not valid JSON ({err.msg}); {WHAT_TO_PASS}") from None
+    for number, row in parsed:
         steps = row.get("steps") if isinstance(row, dict) else None
         if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps) or "seed" not in row:
             raise UsageError(

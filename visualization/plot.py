@@ -13,7 +13,6 @@ the folders unless ``--output_dir`` is given, and are written whole or not at al
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ from matplotlib.figure import Figure
 
 from evaluation.compare import find_summaries, ordered_stages, read_summary, unique_labels
 from experiment_args import UsageError, cli
+from visualization.jsonl import read_rows
 
 WHAT_TO_PASS = "pass run folders from training.rl_finetune or evaluation folders from evaluation.evaluate"
 
@@ -41,25 +41,11 @@ PANELS = (
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl; UsageError naming the file and line if one is not a JSON object."""
-    rows = []
-    try:
-        lines = path.read_text().split("\n")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read {path}: {err}; {WHAT_TO_PASS}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            # A live run may be halfway through appending its last row: read what is whole.
-            if number == len(lines):
-                break
-            raise UsageError(f"{path} line {number} is not valid JSON ({err.msg}); {WHAT_TO_PASS}") from None
+    rows, _ = read_rows(path, WHAT_TO_PASS)
+    for number, row in rows:
         if not isinstance(row, dict):
             raise UsageError(f"{path} line {number} is not a JSON object; {WHAT_TO_PASS}")
-        rows.append(row)
-    return rows
+    return [row for _, row in rows]
 
 
 def curve(rows: list[dict], keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
