@@ -315,9 +315,7 @@ def rollout(
     live = list(range(len(envs)))
     while live:
         obs = [observations[i] for i in live]
-        reflections = reflector.reflect(obs) if reflector is not None else [None] * len(live)
-        labels = [agent.labels(len(o.actions)) for o in obs]
-        prompts = [policy_prompt(o, lab, r) for o, lab, r in zip(obs, labels, reflections)]
+        reflections, labels, prompts = _prompts(agent, reflector, obs)
         decision = agent.act([envs[i] for i in live], obs, prompts, greedy, generator, labels)
         ref_rows: list[list[float] | None] = [None] * len(live)
         if reference is not None:
@@ -365,11 +363,17 @@ def rollout(
     return episodes
 
 
-@torch.no_grad()
-def _bootstrap(agent, reflector, observations: list[Observation], episodes: list[Episode]) -> None:
+def _prompts(agent, reflector, observations: list[Observation]) -> tuple[list, list[list[str]], list[str]]:
+    """(reflections, labels, policy prompts) of the observations: the reflector writes first (if any)."""
     reflections = reflector.reflect(observations) if reflector is not None else [None] * len(observations)
     labels = [agent.labels(len(o.actions)) for o in observations]
     prompts = [policy_prompt(o, lab, r) for o, lab, r in zip(observations, labels, reflections)]
+    return reflections, labels, prompts
+
+
+@torch.no_grad()
+def _bootstrap(agent, reflector, observations: list[Observation], episodes: list[Episode]) -> None:
+    _, labels, prompts = _prompts(agent, reflector, observations)
     n_actions = [len(o.actions) for o in observations]
     _, _, values = agent.score(prompts, n_actions, labels)
     for ep, prompt, n, lab, v in zip(episodes, prompts, n_actions, labels, values.float().cpu().tolist()):
