@@ -47,7 +47,7 @@ from experiment_args import (
     save_config,
 )
 from training.players import load_players
-from training.rollout import Episode, LMPolicy, Reflector, episode_stats, rollout
+from training.rollout import Episode, LMPolicy, Reflector, Step, episode_stats, rollout
 
 # ---------------------------------------------------------------------------------------------------
 # pure functions (unit-tested)
@@ -391,19 +391,16 @@ def refresh_replayed(episodes: list[Episode], policy: LMPolicy, batch_size: int 
     current policy, so PPO's ratios start at 1 and GAE uses today's critic, not the stale ones."""
     steps = [s for ep in episodes for s in ep.steps if s.action is not None]
     boots = [ep.bootstrap for ep in episodes if ep.bootstrap is not None]
-    logprobs, values, boot_values = [], [], []
+    rows = steps + boots  # Step and Bootstrap both carry prompt, n_actions, labels
+    logprobs, values = [], []
     with torch.no_grad():
-        for i in range(0, len(steps), batch_size):
-            chunk = steps[i : i + batch_size]
-            lp, _, v = policy.score([s.prompt for s in chunk], [s.n_actions for s in chunk], [s.labels for s in chunk])
-            logprobs += [float(lp[b, s.action]) for b, s in enumerate(chunk)]
-            values += v.float().cpu().tolist() if v is not None else [s.value for s in chunk]
-        for i in range(0, len(boots), batch_size):
-            chunk = boots[i : i + batch_size]
-            _, _, v = policy.score([b.prompt for b in chunk], [b.n_actions for b in chunk], [b.labels for b in chunk])
-            boot_values += v.float().cpu().tolist() if v is not None else [b.value for b in chunk]
-    fresh_steps = iter(zip(logprobs, values))
-    fresh_boots = iter(boot_values)
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            lp, _, v = policy.score([r.prompt for r in chunk], [r.n_actions for r in chunk], [r.labels for r in chunk])
+            logprobs += [float(lp[b, r.action]) if isinstance(r, Step) else 0.0 for b, r in enumerate(chunk)]
+            values += v.float().cpu().tolist() if v is not None else [r.value for r in chunk]
+    fresh_steps = iter(zip(logprobs[: len(steps)], values[: len(steps)]))
+    fresh_boots = iter(values[len(steps) :])
     out = []
     for ep in episodes:
         new_steps = []
@@ -668,14 +665,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         accelerator.backward(loss)
                     else:
                         sums[-1] = 1
-                grads = [p.grad for p in params]
-                all_reduce_([*grads, sums], accelerator)
-                if sums[-1] > 0:
-                    state["skipped_updates"] += 1
-                    state["bad_updates"] += 1
-                    continue
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                if not torch.isfinite(grad_norm):
+                all_reduce_([*(p.grad for p in params), sums], accelerator)
+                bad_loss = bool(sums[-1] > 0)
+                grad_norm = None if bad_loss else torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                if bad_loss or not torch.isfinite(grad_norm):
                     state["skipped_updates"] += 1
                     state["bad_updates"] += 1
                     continue
