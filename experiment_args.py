@@ -268,6 +268,13 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> str:
     return resume or ""
 
 
+def cuda_bf16() -> bool:
+    """Whether a CUDA device with bf16 is present: the default for bf16 weights and autocast."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
 def check_numbers(
     args, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (), unit: tuple[str, ...] = ()
 ) -> None:
@@ -585,7 +592,7 @@ def _build_sft_training_arguments():
             import torch
 
             if self.bf16 is None:
-                self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+                self.bf16 = cuda_bf16()
             if not torch.cuda.is_available():
                 self.use_cpu = True
             try:
@@ -738,9 +745,7 @@ class RLArguments:
         elif self.group_size != 1 or self.group_by_state:
             raise UsageError("--group_size and --group_by_state need --algo rloo or grpo")
         if self.bf16 is None:
-            import torch
-
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+            self.bf16 = cuda_bf16()
         if self.algo == "reinforce":
             self.update_epochs = 1
         if self.curriculum:

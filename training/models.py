@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import torch
 
-from experiment_args import ModelArguments, UsageError
+from experiment_args import ModelArguments, UsageError, cuda_bf16
 
 BUILTIN_MODELS = ("tiny-gpt2", "smollm2-135m")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -182,7 +182,7 @@ def load_tokenizer(name_or_path: str, cache_dir: str = ""):
 def resolve_dtype(name: str) -> torch.dtype:
     """``auto`` is bf16 on a GPU that supports it, else fp32; other names are torch dtypes."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cuda_bf16() else torch.float32
     return getattr(torch, name)
 
 
