@@ -6,6 +6,11 @@
 Each DIR is an evaluation folder (``evaluation.evaluate --output_dir``) or a run folder with such a
 folder directly inside it (every one found gives a row). Columns: success rate with its 95% interval
 per stage, then mean return (ret) and episode length (len) of the last stage. Prints only; writes nothing.
+
+    python -m evaluation.compare runs/demo_seed*/eval --over_seeds   # one row per run name across seeds
+
+``--over_seeds`` groups the summaries by run name (one per seed folder) and shows, per stage, the mean
+success over the seeds, its sample standard deviation and the lowest and highest seed.
 """
 
 from __future__ import annotations
@@ -98,6 +103,27 @@ def table_rows(summaries: list[dict]) -> list[dict[str, str]]:
     return rows
 
 
+def seed_rows(summaries: list[dict]) -> list[dict[str, str]]:
+    """One row per run name: mean +- sample std (min-max) of each stage's success over its summaries."""
+    stages = ordered_stages(summaries)
+    groups: dict[str, list[dict]] = {}
+    for summary in summaries:
+        groups.setdefault(str(summary["name"]), []).append(summary)
+    rows = []
+    for name, group in groups.items():
+        row = {"run": name, "seeds": str(len(group))}
+        for stage in stages:
+            values = [s["stages"][stage]["success_rate"] for s in group if stage in s["stages"]]
+            if not values:
+                row[stage] = "-"
+                continue
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            row[stage] = f"{mean:.2f} ± {std:.2f} ({min(values):.2f}-{max(values):.2f})"
+        rows.append(row)
+    return rows
+
+
 def format_table(rows: list[dict[str, str]], markdown: bool = False) -> str:
     columns = list(rows[0])
     if markdown:
@@ -119,6 +145,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
     parser = argparse.ArgumentParser(prog="python -m evaluation.compare", description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="evaluation folders, or run folders holding one")
     parser.add_argument("--markdown", action="store_true", help="print a GitHub markdown table")
+    parser.add_argument(
+        "--over_seeds", action="store_true", help="one row per run name: mean, std and range of success over the DIRs"
+    )
     args = parser.parse_args(argv)
 
     summaries = []
@@ -130,6 +159,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, str]]:
             raise UsageError(f"{folder} has no summary.json (nor a subfolder with one); {WHAT_TO_PASS}")
         summaries += [(path, read_summary(path)) for path in paths]
 
+    if args.over_seeds:
+        rows = seed_rows([s for _, s in summaries])
+        print(format_table(rows, markdown=args.markdown))
+        return rows
     labels = unique_labels([str(s["name"]) for _, s in summaries], [path.parent for path, _ in summaries])
     for (_, summary), label in zip(summaries, labels, strict=True):
         summary["name"] = label

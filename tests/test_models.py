@@ -64,6 +64,30 @@ def test_action_labels_are_single_gpt2_tokens(tok):
     assert len(labels) == 252 and len(set(label_token_ids(tok, labels))) == 252
 
 
+def test_compact_tokenizer_encodes_any_text_and_keeps_labels_single_tokens(model_cache, tmp_path):
+    path = resolve_model_path("tiny-gpt2-compact")
+    assert os.path.basename(path).startswith("tiny-gpt2-compact-v")  # versioned: a new corpus gets a new folder
+    compact, gpt2 = load_tokenizer("tiny-gpt2-compact"), load_tokenizer("tiny-gpt2")
+    assert 300 < len(compact) <= 1024 and compact.pad_token == compact.eos_token == "<|endoftext|>"
+    for text in ("héllo ✓ 中文\t\n", "--- Current State ---\n+---------+\n|D: | : : |", "Taxi at (3, 1)."):
+        ids = compact(text, add_special_tokens=False)["input_ids"]
+        assert compact.decode(ids) == text  # byte-level: nothing is unknown
+    # the environments' text is what it was trained on: a Taxi line is fewer tokens than GPT-2 needs
+    line = "Best next action: move north. The drop-off at (0, 0) is 5 steps away."
+    assert len(compact(line)["input_ids"]) <= len(gpt2(line)["input_ids"])
+    labels = action_labels(62, compact)  # digits and letters stay single tokens after "# Action:\n"
+    assert len(set(label_token_ids(compact, labels))) == 62
+    model = load_model(ModelArguments(model_name_or_path="tiny-gpt2-compact", use_peft=False), trainable=False)
+    assert model.get_output_embeddings().weight.shape[0] == len(compact)
+    assert generate_text(model, compact, PROMPTS, max_new_tokens=4, greedy=True)
+    # deterministic: a second build elsewhere gives the same tokenizer and weights
+    other = resolve_model_path("tiny-gpt2-compact", cache_dir=str(tmp_path))
+    with open(os.path.join(path, "tokenizer.json")) as f, open(os.path.join(other, "tokenizer.json")) as g:
+        assert json.load(f)["model"] == json.load(g)["model"]
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (path, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_concurrent_builds_leave_one_complete_folder(tmp_path):
     code = "import sys; from training.models import resolve_model_path as r; print(r('tiny-gpt2', sys.argv[1]))"
     procs = [

@@ -174,3 +174,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert "pass " in err
     assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_compare_over_seeds(tmp_path, capsys):
+    for seed, (rl, sft) in enumerate([(0.9, 0.5), (0.8, 0.4), (1.0, 0.6)]):
+        write_summary(tmp_path / f"seed{seed}" / "rl", "Reflect-RL", {"dropoff": {"success_rate": rl}})
+        write_summary(tmp_path / f"seed{seed}" / "sft", "SFT-only", {"dropoff": {"success_rate": sft}})
+    write_summary(tmp_path / "seed0" / "oracle", "oracle", {"dropoff": {"success_rate": 1.0}})
+    rows = compare.main([str(tmp_path / f"seed{i}") for i in range(3)] + ["--over_seeds"])
+    assert [(r["run"], r["seeds"]) for r in rows] == [("oracle", "1"), ("Reflect-RL", "3"), ("SFT-only", "3")]
+    assert rows[1]["dropoff"] == "0.90 ± 0.10 (0.80-1.00)" and rows[0]["dropoff"] == "1.00 ± 0.00 (1.00-1.00)"
+    assert "0.50 ± 0.10 (0.40-0.60)" in capsys.readouterr().out

