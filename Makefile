@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test demo demo-seeds bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,13 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The whole pipeline on the embedded tiny-gpt2 (scripts/demo.sh says each step).
+# The whole pipeline on the built-in tiny-gpt2-compact (scripts/demo.sh says each step).
 demo: $(STAMP)
 	PYTHON=$(PY) bash scripts/demo.sh $(RUN)
+
+# The demo with seeds 0, 1 and 2 (runs/demo_seed*), then mean, std and range over the seeds.
+demo-seeds: $(STAMP)
+	PYTHON=$(PY) bash scripts/demo_seeds.sh $(RUN)
 
 # Speed and memory ratios, measured side by side (benchmarks/run.py); BENCH_ARGS=--quick or --scaling.
 bench: $(STAMP)
