@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 # bitsandbytes tries to fetch an optional CPU kernel from the hub at import and warns when it cannot;
 # the built-in kernel it falls back to is what we test, so the warning is noise on every command.
@@ -136,13 +137,18 @@ def _as_flags(mapping: dict) -> list[str]:
 
 
 def parse_args(
-    dataclass_types: tuple, argv: list[str] | None = None, defaults: list[str] = (), scope: str = ""
+    dataclass_types: tuple,
+    argv: list[str] | None = None,
+    defaults: list[str] = (),
+    scope: str = "",
+    known_only: bool = False,
 ) -> tuple:
     """Parse flags (and an optional ``--config file.yaml`` and ``--preset NAME``) into the dataclasses.
 
     Later sources win: ``defaults``, then the preset's entry for ``scope`` (sft, rl, eval), then the
     ``--config`` file, then the command line. ``__post_init__`` failures and unknown flags become
-    UsageError, so they print as one line.
+    UsageError, so they print as one line. ``known_only`` is the first of two passes (see
+    :func:`parse_with_env`): flags of other dataclasses are left for the second.
     """
     import yaml
     from transformers import HfArgumentParser
@@ -180,7 +186,7 @@ def parse_args(
     except ValueError as err:
         raise UsageError(str(err).splitlines()[0]) from None
     *objs, remaining = parsed
-    if remaining:
+    if remaining and not known_only:
         raise UsageError(f"unknown flag(s): {' '.join(remaining)} (see --help)")
     return tuple(objs)
 
@@ -293,27 +299,44 @@ def check_numbers(
             raise UsageError(f"--{name} must be in [0, 1], not {value}")
 
 
-def check_stages(flag: str, value: str) -> None:
-    """A comma-separated list of Taxi curriculum stages (``--curriculum``, ``--stages``)."""
-    from envs.taxi import STAGES
+def _run_config(run_dir: str | Path) -> dict | None:
+    import yaml
 
-    bad = [s for s in value.split(",") if s not in STAGES]
-    if bad:
-        raise UsageError(f"{flag} has unknown stage(s) {', '.join(bad)}; use {', '.join(STAGES)}")
+    path = Path(run_dir) / "config.yaml" if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text()) or {}
 
 
-def inherited_env_flags(run_dir: str | Path, prefix: str = "taxi_", _depth: int = 0) -> list[str]:
-    """The environment flags a run was made with, as command-line flags (``[]`` if none are found).
+def run_env(run_dir: str | Path, _depth: int = 0) -> str:
+    """The ``--env`` a data folder, SFT run or RL run was made with ('' if it records none).
+
+    Each records it in its config.yaml, or names the folder it started from (``data_dir``,
+    ``policy_path``); folders written before ``--env`` was recorded hold only Taxi flags.
+    """
+    config = _run_config(run_dir)
+    if config is None or _depth > 3:
+        return ""
+    if config.get("env"):
+        return str(config["env"])
+    if any(k.startswith(TaxiArguments.prefix) for k in config):
+        return TaxiArguments.name
+    for parent in ("data_dir", "policy_path"):
+        if config.get(parent):
+            return run_env(config[parent], _depth + 1)
+    return ""
+
+
+def inherited_env_flags(run_dir: str | Path, prefix: str, _depth: int = 0) -> list[str]:
+    """The environment flags (those starting with ``prefix``) a run was made with, as command-line flags
+    (``[]`` if none are found).
 
     An RL run stores them in its config.yaml; an SFT run names its data folder, whose config.yaml holds
     them. Evaluation and RL start from these so a run is tested on the environment it learned.
     """
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not run_dir or _depth > 3 or not path.is_file():
+    config = _run_config(run_dir)
+    if config is None or _depth > 3:
         return []
-    config = yaml.safe_load(path.read_text()) or {}
     own = {k: v for k, v in config.items() if k.startswith(prefix)}
     if own:
         return [x for k, v in sorted(own.items()) for x in (f"--{k}", str(v))]
@@ -321,6 +344,32 @@ def inherited_env_flags(run_dir: str | Path, prefix: str = "taxi_", _depth: int 
         if config.get(parent):
             return inherited_env_flags(config[parent], prefix, _depth + 1)
     return []
+
+
+def parse_with_env(
+    dataclass_types: tuple, argv: list[str] | None, run_flag: str = "", scope: str = "", extra=None
+) -> tuple:
+    """Parse ``dataclass_types`` (the first has an ``env`` field) plus the chosen environment's arguments.
+
+    The environment is ``--env`` if given, else the one the run named by the ``run_flag`` field (e.g.
+    ``policy_path``) was made with, else taxi; that run's environment flags are defaults the command line
+    overrides, and so are ``extra(run_dir)`` (e.g. an RL run's reflection settings). Returns the parsed
+    dataclasses with the environment's last; ``env`` is set to the name. Asking for another environment
+    than the run's is a UsageError.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:  # the help of the named env (or taxi), before any flag is checked
+        given = _pop_flag(list(argv), "--env")
+        return parse_args((*dataclass_types, env_arguments(given or TaxiArguments.name)), argv, scope=scope)
+    first = parse_args(dataclass_types, argv, scope=scope, known_only=True)[0]
+    run_dir = getattr(first, run_flag) if run_flag else ""
+    made_with = run_env(run_dir)
+    name = first.env or made_with or TaxiArguments.name
+    env_class = env_arguments(name)
+    if made_with and made_with != name:
+        raise UsageError(f"--env {name}: {run_dir} was made with --env {made_with}; drop --env or pass another run")
+    defaults = ["--env", name, *inherited_env_flags(run_dir, env_class.prefix), *(extra(run_dir) if extra else [])]
+    return parse_args((*dataclass_types, env_class), argv, defaults, scope=scope)
 
 
 # What an RL run decided about how its policy sees the world, beyond the environment: evaluation uses the
@@ -394,9 +443,44 @@ class ModelArguments:
             raise UsageError("--lora_r must be positive")
 
 
+SPLITS = ("train", "validation", "test")
+
+
+class EnvArguments:
+    """What every environment's argument dataclass adds to its flags, which all start with ``prefix``.
+
+    ``name`` is its ``--env`` value, ``stages`` its curriculum stages in order (the first is the default
+    unless the env has a stage flag), ``make_env(stage, split)`` builds one environment: an environment
+    with a task list draws a seed's task from ``split`` (train, validation or test); one without (Taxi)
+    ignores it, its evaluation seeds being disjoint from training's. ``ENV_ARGUMENTS`` maps names to them.
+    """
+
+    name: ClassVar[str] = ""
+    prefix: ClassVar[str] = ""
+    stages: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def stage(self) -> str:
+        return self.stages[0]
+
+    def make_env(self, stage: str | None = None, split: str = "train"):
+        raise NotImplementedError
+
+    @classmethod
+    def check_stages(cls, flag: str, value: str) -> None:
+        """``value``, a comma-separated list, names only stages of this environment."""
+        bad = [s for s in value.split(",") if s not in cls.stages]
+        if bad:
+            raise UsageError(f"{flag} has unknown {cls.name} stage(s) {', '.join(bad)}; use {', '.join(cls.stages)}")
+
+
 @dataclass
-class TaxiArguments:
+class TaxiArguments(EnvArguments):
     """DangerousTaxi options (envs/taxi.py), shared by data generation, RL and evaluation."""
+
+    name: ClassVar[str] = "taxi"
+    prefix: ClassVar[str] = "taxi_"
+    stages: ClassVar[tuple[str, ...]] = ("pickup", "dropoff", "full")  # envs.taxi.STAGES (a test checks)
 
     taxi_stage: str = field(default="full", metadata={"help": "Curriculum stage: pickup, dropoff or full."})
     taxi_horizon: int = field(
@@ -420,21 +504,25 @@ class TaxiArguments:
     )
 
     def __post_init__(self):
-        from envs.taxi import DROPOFF_STARTS, STAGES
+        from envs.taxi import DROPOFF_STARTS
 
         if self.taxi_dropoff_start not in DROPOFF_STARTS:
             raise UsageError(
                 f"--taxi_dropoff_start {self.taxi_dropoff_start!r} is not one of {', '.join(DROPOFF_STARTS)}"
             )
 
-        if self.taxi_stage not in STAGES:
-            raise UsageError(f"--taxi_stage {self.taxi_stage!r} is not one of {', '.join(STAGES)}")
+        if self.taxi_stage not in self.stages:
+            raise UsageError(f"--taxi_stage {self.taxi_stage!r} is not one of {', '.join(self.stages)}")
         if self.taxi_horizon <= 0:
             raise UsageError("--taxi_horizon must be positive")
         if self.taxi_reward not in ("paper", "success"):
             raise UsageError(f"--taxi_reward {self.taxi_reward!r} is not one of paper, success")
 
-    def make_env(self, stage: str | None = None):
+    @property
+    def stage(self) -> str:
+        return self.taxi_stage
+
+    def make_env(self, stage: str | None = None, split: str = "train"):
         from envs.taxi import TaxiEnv
 
         return TaxiEnv(
@@ -447,6 +535,16 @@ class TaxiArguments:
             reward=self.taxi_reward,
             dropoff_start=self.taxi_dropoff_start,
         )
+
+
+# --env name -> its argument dataclass; an environment is added here and in envs.ENVS.
+ENV_ARGUMENTS: dict[str, type[EnvArguments]] = {TaxiArguments.name: TaxiArguments}
+
+
+def env_arguments(name: str) -> type[EnvArguments]:
+    if name not in ENV_ARGUMENTS:
+        raise UsageError(f"--env {name!r} is not one of {', '.join(ENV_ARGUMENTS)}")
+    return ENV_ARGUMENTS[name]
 
 
 @dataclass
@@ -621,7 +719,9 @@ class RLArguments:
     output_dir: str = field(
         default="runs/rl", metadata={"help": "Run folder: config, metrics, checkpoints, episodes."}
     )
-    env: str = field(default="taxi", metadata={"help": "Environment name (envs.ENVS)."})
+    env: str = field(
+        default="", metadata={"help": f"Environment: {', '.join(ENV_ARGUMENTS)}; default: the SFT data's (else taxi)."}
+    )
     policy_path: str = field(default="", metadata={"help": "SFT policy run folder (adapter or full model)."})
     reflector_path: str = field(
         default="", metadata={"help": "SFT reflector run folder; empty runs the no-reflection setting."}
@@ -705,8 +805,8 @@ class RLArguments:
     def __post_init__(self):
         if self.algo not in ("ppo", "reinforce", "rloo", "grpo"):
             raise UsageError(f"--algo {self.algo!r} is not one of ppo, reinforce, rloo, grpo")
-        if self.env not in ("taxi",):
-            raise UsageError(f"--env {self.env!r} is not one of taxi")
+        if self.env:
+            env_arguments(self.env)
         if not self.policy_path:
             raise UsageError("--policy_path is required (an SFT run folder from training.sft)")
         if self.reinforce_baseline not in ("none", "mean", "value"):
@@ -748,8 +848,6 @@ class RLArguments:
             self.bf16 = cuda_bf16()
         if self.algo == "reinforce":
             self.update_epochs = 1
-        if self.curriculum:
-            check_stages("--curriculum", self.curriculum)
 
 
 @dataclass
@@ -781,8 +879,16 @@ class EvalArguments:
     )
     agent: str = field(default="model", metadata={"help": "model (the run's policy), random or oracle."})
     name: str = field(default="", metadata={"help": "Row label in comparisons; default: the output folder's name."})
-    env: str = field(default="taxi", metadata={"help": "Environment name."})
+    env: str = field(
+        default="", metadata={"help": f"Environment: {', '.join(ENV_ARGUMENTS)}; default: the run's (else taxi)."}
+    )
     stages: str = field(default="", metadata={"help": "Comma-separated stages; default: the env's configured stage."})
+    split: str = field(
+        default="test",
+        metadata={
+            "help": "Task split of environments with a task list: test, validation or train (never by default)."
+        },
+    )
     num_episodes: int = field(default=100, metadata={"help": "Seeded episodes per stage (the same for every run)."})
     batch_size: int = field(default=50, metadata={"help": "Episodes stepped in lockstep."})
     greedy: bool = field(default=False, metadata={"help": "Argmax actions instead of sampling (the paper samples)."})
@@ -805,12 +911,12 @@ class EvalArguments:
             raise UsageError(f"--agent {self.agent!r} is not one of model, random, oracle")
         if self.agent == "model" and not self.run_dir:
             raise UsageError("--run_dir is required with --agent model (an RL or SFT run folder)")
-        if self.env not in ("taxi",):
-            raise UsageError(f"--env {self.env!r} is not one of taxi")
+        if self.env:
+            env_arguments(self.env)
+        if self.split not in SPLITS:
+            raise UsageError(f"--split {self.split!r} is not one of {', '.join(SPLITS)}")
         if self.num_episodes <= 0 or self.batch_size <= 0:
             raise UsageError("--num_episodes and --batch_size must be positive")
         if self.reflection_max_tokens < 0:
             raise UsageError("--reflection_max_tokens must be >= 0")
         check_numbers(self, non_negative=("reflection_temperature",))
-        if self.stages:
-            check_stages("--stages", self.stages)

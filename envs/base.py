@@ -15,7 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -34,7 +34,14 @@ class Observation:
 
 
 class TextEnv(ABC):
-    """Gymnasium-like text environment: ``reset(seed) -> Observation``, ``step(action) -> 5-tuple``."""
+    """Gymnasium-like text environment: ``reset(seed) -> Observation``, ``step(action) -> 5-tuple``.
+
+    Optional capabilities are declared, not assumed: ``has_expert`` (then :meth:`oracle_action` gives
+    the expert's action, for data generation and the oracle agent), :meth:`state_key` (for grouping by
+    state), and stages (in the environment's argument dataclass, ``experiment_args.EnvArguments``).
+    """
+
+    has_expert: ClassVar[bool] = False
 
     @abstractmethod
     def reset(self, seed: int | None = None) -> Observation:
@@ -59,6 +66,10 @@ class TextEnv(ABC):
     @abstractmethod
     def current_actions(self) -> list[str]:
         """The admissible actions of the current state."""
+
+    def oracle_action(self) -> int:
+        """The expert's action (an index into the current actions); only where ``has_expert``."""
+        raise NotImplementedError(f"{type(self).__name__} has no expert")
 
     def state_key(self) -> Hashable | None:
         """A hashable key of the current environment state, equal exactly when two states are the same

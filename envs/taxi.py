@@ -164,6 +164,8 @@ def describe_positions(state: int) -> str:
 class TaxiEnv(TextEnv):
     """DangerousTaxi as a text environment. See the module docstring for the rules."""
 
+    has_expert = True  # the BFS oracle
+
     def __init__(
         self,
         stage: str = "full",

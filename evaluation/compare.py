@@ -20,10 +20,10 @@ import json
 import os
 from pathlib import Path
 
-from experiment_args import UsageError, cli
+from experiment_args import ENV_ARGUMENTS, UsageError, cli
 
-# Curriculum order, so the table reads pickup -> dropoff -> full; other stages follow in order seen.
-STAGE_ORDER = ("pickup", "dropoff", "full")
+# Each environment's curriculum order (Taxi: pickup -> dropoff -> full); other stages follow in order seen.
+STAGE_ORDER = tuple(dict.fromkeys(stage for env in ENV_ARGUMENTS.values() for stage in env.stages))
 WHAT_TO_PASS = "pass the --output_dir of evaluation.evaluate, or a run folder holding one"
 
 

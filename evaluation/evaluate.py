@@ -28,14 +28,12 @@ from tqdm import tqdm
 
 from experiment_args import (
     EvalArguments,
-    TaxiArguments,
     UsageError,
     atomic_write_text,
     cli,
-    inherited_env_flags,
     inherited_run_flags,
     latest_checkpoint,
-    parse_args,
+    parse_with_env,
 )
 from training.players import load_players
 from training.rollout import LMPolicy, OracleAgent, RandomAgent, Reflector, episode_stats, rollout
@@ -145,18 +143,18 @@ def summarise(episodes) -> dict:
 
 @cli
 def main(argv: list[str] | None = None) -> dict:
-    args, taxi_args = parse_args((EvalArguments, TaxiArguments), argv, scope="eval")
     # The environment the run was trained on and, for an RL run, its reflection and label settings,
     # unless the command line says otherwise: what is evaluated is what was trained.
-    inherited = inherited_env_flags(args.run_dir) + inherited_run_flags(args.run_dir)
-    args, taxi_args = parse_args((EvalArguments, TaxiArguments), argv, inherited, scope="eval")
+    args, env_args = parse_with_env((EvalArguments,), argv, "run_dir", scope="eval", extra=inherited_run_flags)
+    if args.stages:
+        env_args.check_stages("--stages", args.stages)
     output_dir = Path(args.output_dir)
     if (output_dir / "summary.json").exists() and not args.overwrite_output_dir:
         raise UsageError(
             f"{output_dir} already holds an evaluation; pass another --output_dir or --overwrite_output_dir"
         )
     agent, reflector, meta = load_agent(args)
-    stages = args.stages.split(",") if args.stages else [taxi_args.taxi_stage]
+    stages = args.stages.split(",") if args.stages else [env_args.stage]
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the reflector samples from the global generator
     random.seed(args.seed)  # shuffled labels draw from Python's
@@ -168,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
         "reflection_max_tokens": args.reflection_max_tokens,
         "reflection_temperature": args.reflection_temperature,
         "shuffle_labels": args.shuffle_labels,
+        "env": args.env,
+        "split": args.split,
         **meta,
         "stages": {},
     }
@@ -176,14 +176,19 @@ def main(argv: list[str] | None = None) -> dict:
         with open(tmp / "episodes.jsonl", "w") as transcripts:
             for stage in stages:
                 episodes = []
+                # created once per stage and reused by every batch
+                envs = [env_args.make_env(stage, args.split) for _ in range(min(args.batch_size, args.num_episodes))]
+                if args.agent == "oracle" and not envs[0].has_expert:
+                    raise UsageError(f"--agent oracle: the {args.env} environment has no expert")
                 bar = tqdm(total=args.num_episodes, desc=f"eval {summary['name']} {stage}", unit="ep")
                 for start in range(0, args.num_episodes, args.batch_size):
                     seeds = [args.seed + i for i in range(start, min(start + args.batch_size, args.num_episodes))]
-                    envs = [taxi_args.make_env(stage) for _ in seeds]
-                    batch = rollout(envs, seeds, agent, reflector, None, greedy=args.greedy, generator=generator)
+                    batch = rollout(envs[: len(seeds)], seeds, agent, reflector, None, args.greedy, generator)
                     episodes += batch
                     bar.update(len(batch))
                 bar.close()
+                for env in envs:
+                    env.close()
                 for ep in episodes:
                     transcripts.write(json.dumps(ep.transcript()) + "\n")
                 summary["stages"][stage] = summarise(episodes)

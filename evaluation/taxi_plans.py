@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     args, taxi_args = parse_args((PlanCheckArguments, TaxiArguments), argv)
     # the environment the reflector was trained on, unless the command line says otherwise
-    args, taxi_args = parse_args((PlanCheckArguments, TaxiArguments), argv, inherited_env_flags(args.reflector_path))
+    args, taxi_args = parse_args(
+        (PlanCheckArguments, TaxiArguments), argv, inherited_env_flags(args.reflector_path, TaxiArguments.prefix)
+    )
     model_args = run_model_args(args.reflector_path, "--reflector_path")
     model = load_model(model_args, adapter_path=args.reflector_path, trainable=False)
     model.to("cuda" if torch.cuda.is_available() else "cpu")

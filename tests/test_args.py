@@ -3,7 +3,10 @@
 import pytest
 import yaml
 
+from envs import ENVS
 from experiment_args import (
+    ENV_ARGUMENTS,
+    EnvArguments,
     EvalArguments,
     ModelArguments,
     RLArguments,
@@ -12,6 +15,8 @@ from experiment_args import (
     UsageError,
     inherited_env_flags,
     parse_args,
+    parse_with_env,
+    run_env,
 )
 
 
@@ -61,9 +66,41 @@ def test_env_flags_come_from_the_run_then_the_command_line(tmp_path):
         folder.mkdir()
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
     expected = ["--taxi_history", "False", "--taxi_stage", "dropoff"]
-    assert inherited_env_flags(sft_run) == expected
-    assert inherited_env_flags(rl_run) == expected  # through its policy_path
-    assert inherited_env_flags(tmp_path / "missing") == [] and inherited_env_flags("") == []
+    assert inherited_env_flags(sft_run, "taxi_") == expected
+    assert inherited_env_flags(rl_run, "taxi_") == expected  # through its policy_path
+    assert inherited_env_flags(tmp_path / "missing", "taxi_") == [] and inherited_env_flags("", "taxi_") == []
     argv = ["--run_dir", str(sft_run), "--taxi_stage", "full"]
-    _, taxi = parse_args((EvalArguments, TaxiArguments), argv, inherited_env_flags(sft_run), scope="eval")
+    _, taxi = parse_args((EvalArguments, TaxiArguments), argv, inherited_env_flags(sft_run, "taxi_"), scope="eval")
     assert (taxi.taxi_stage, taxi.taxi_history, taxi.taxi_horizon) == ("full", False, 15)
+    # parse_with_env: the env and its flags come from the run (written before --env was recorded: Taxi flags)
+    assert run_env(rl_run) == run_env(data) == "taxi" and run_env(tmp_path / "missing") == ""
+    args, taxi = parse_with_env((EvalArguments,), argv, "run_dir", scope="eval")
+    assert args.env == "taxi" and isinstance(taxi, TaxiArguments)
+    assert (taxi.taxi_stage, taxi.taxi_history, taxi.stage) == ("full", False, "full")
+
+
+def test_env_selection(tmp_path):
+    from envs.taxi import STAGES
+
+    assert TaxiArguments.stages == STAGES and set(ENV_ARGUMENTS) == set(ENVS)
+    assert all(
+        issubclass(ENV_ARGUMENTS[name], EnvArguments) and cls.name == name for name, cls in ENV_ARGUMENTS.items()
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"env": "taxi", "taxi_horizon": 9, "policy_path": "p"}))
+    args, taxi = parse_with_env((RLArguments,), ["--policy_path", str(run)], "policy_path", scope="rl")
+    assert (args.env, taxi.taxi_horizon) == ("taxi", 9)
+    args, _ = parse_with_env((EvalArguments,), ["--agent", "random"], "run_dir", scope="eval")
+    assert args.env == "taxi" and args.split == "test"  # nothing to inherit: the default env
+    with pytest.raises(UsageError, match="--env 'alfworld2' is not one of taxi"):
+        parse_with_env((EvalArguments,), ["--agent", "random", "--env", "alfworld2"], "run_dir", scope="eval")
+    (run / "config.yaml").write_text(yaml.safe_dump({"env": "other"}))
+    with pytest.raises(UsageError, match="is not one of taxi"):  # a run made with an env this install lacks
+        parse_with_env((EvalArguments,), ["--run_dir", str(run)], "run_dir", scope="eval")
+    with pytest.raises(UsageError, match="--split 'dev'"):
+        EvalArguments(agent="random", split="dev")
+    with pytest.raises(UsageError, match="--curriculum has unknown taxi stage"):
+        TaxiArguments.check_stages("--curriculum", "pickup,deliver")
+    with pytest.raises(SystemExit):  # --help lists the env's flags too (the first pass ignores it)
+        parse_with_env((EvalArguments,), ["--help"], "run_dir", scope="eval")

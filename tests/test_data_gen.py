@@ -6,6 +6,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import datasets
 import pytest
+import yaml
 
 from data_gen.taxi import gen_sft
 from data_gen.taxi.reflection import rule_reflection
@@ -34,7 +35,7 @@ def test_files_round_trip_through_datasets(tmp_path):
             assert {"prompt", "completion", "kind"} <= set(ds.column_names) and len(ds) > 0
     stats = json.loads((out / "stats.json").read_text())
     assert stats["train"]["files"]["sft"] == len(read(out / "train" / "sft.jsonl"))
-    assert (out / "config.yaml").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["env"] == "taxi"  # what RL and evaluation inherit
 
 
 def test_views_are_aligned_and_formats_match(tmp_path):

@@ -36,12 +36,10 @@ from tqdm import tqdm
 
 from experiment_args import (
     RLArguments,
-    TaxiArguments,
     UsageError,
     check_output_dir,
     cli,
-    inherited_env_flags,
-    parse_args,
+    parse_with_env,
     resolve_resume,
     resolved_config,
     save_config,
@@ -442,9 +440,10 @@ def check_in_sync(params: list[torch.Tensor], accelerator) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     from accelerate import Accelerator
 
-    args, taxi_args = parse_args((RLArguments, TaxiArguments), argv, scope="rl")
-    # The environment the SFT data was made with, unless the command line says otherwise.
-    args, taxi_args = parse_args((RLArguments, TaxiArguments), argv, inherited_env_flags(args.policy_path), scope="rl")
+    # The environment (and its flags) the SFT data was made with, unless the command line says otherwise.
+    args, env_args = parse_with_env((RLArguments,), argv, "policy_path", scope="rl")
+    if args.curriculum:
+        env_args.check_stages("--curriculum", args.curriculum)
 
     # 1. setup: processes, seeding, run folder, players, value head, optimizer -------------------------
     # cpu=True where there is no CUDA: accelerate then runs several processes over gloo (else it would
@@ -461,7 +460,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sample_gen = torch.Generator().manual_seed(args.seed + rank)
     shared_gen = torch.Generator().manual_seed(args.seed + 7919)
     output_dir = Path(args.output_dir)
-    config = resolved_config(args, taxi_args, ignore=("resume_from_checkpoint", "overwrite_output_dir", "report_to"))
+    config = resolved_config(args, env_args, ignore=("resume_from_checkpoint", "overwrite_output_dir", "report_to"))
     config["num_processes"] = world
     # a run may resume on another number of processes (with a warning that its sampling differs)
     same_run = (
@@ -516,7 +515,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for p in params:  # gradients exist from the start, so every process all-reduces the same tensors
         p.grad = torch.zeros_like(p)
     optimizer = torch.optim.Adam(params, lr=args.learning_rate)
-    stages = args.curriculum.split(",") if args.curriculum else [taxi_args.taxi_stage]
+    stages = args.curriculum.split(",") if args.curriculum else [env_args.stage]
     curriculum = Curriculum(stages, args.iterations, args.curriculum_switch)
     replay: deque[Episode] = deque(maxlen=max(args.replay_buffer_size, 1))
     state = {"iteration": 0, "env_steps": 0, "stage_index": 0, "bad_updates": 0, "skipped_updates": 0}
@@ -551,7 +550,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         memo_before = (reflector.calls, reflector.hits) if reflector is not None else (0, 0)
         rows_before = (policy.rows_scored, policy.rows_computed)
         if curriculum.stage not in envs_by_stage:
-            envs_by_stage[curriculum.stage] = [taxi_args.make_env(curriculum.stage) for _ in range(local_envs)]
+            envs_by_stage[curriculum.stage] = [env_args.make_env(curriculum.stage) for _ in range(local_envs)]
         envs = envs_by_stage[curriculum.stage]
         n_tasks = args.num_envs // args.group_size
         seeds = [args.seed * 1_000_003 + iteration * n_tasks + j // args.group_size for j in range(args.num_envs)]

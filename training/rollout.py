@@ -280,7 +280,7 @@ class RandomAgent:
 
 
 class OracleAgent:
-    """The environment's expert (Taxi: the BFS oracle); an upper reference in evaluation."""
+    """The environment's expert (``TextEnv.oracle_action``, where ``has_expert``); an upper reference."""
 
     def labels(self, n: int) -> list[str]:
         return action_labels(n)

@@ -135,7 +135,10 @@ def write_split(folder: Path, records: dict[str, list[dict]]) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> Path:
     data_args, taxi_args, api_args = parse_args((DataGenArguments, TaxiArguments, ReflectorAPIArguments), argv)
     output_dir = Path(data_args.output_dir)
-    config = resolved_config(data_args, taxi_args, api_args, ignore=("overwrite_output_dir",))
+    config = {
+        "env": taxi_args.name,
+        **resolved_config(data_args, taxi_args, api_args, ignore=("overwrite_output_dir",)),
+    }
     if check_output_dir(output_dir, config, overwrite=data_args.overwrite_output_dir):
         print(f"{output_dir} already holds this data set; nothing to do")
         return output_dir
