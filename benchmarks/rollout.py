@@ -1,7 +1,8 @@
 """Rollout throughput: the batched lockstep rollout vs the same rollout one environment at a time.
 
-Both sides call ``training.rollout.rollout`` with the same policy and reflector (one tiny-gpt2 object
-serves as both, as ``LMPolicy(model, tok)`` and ``Reflector(model, tok, None, max_tokens, T)``) on
+Both sides call ``training.rollout.rollout`` with the same policy and reflector (one ``--model`` object,
+tiny-gpt2-compact by default, serves as both, as ``LMPolicy(model, tok)`` and
+``Reflector(model, tok, None, max_tokens, T)``) on
 ``envs.taxi.TaxiEnv(stage, history=False)`` (the demo's prompts) started from the same seeds:
 
 - batched: ``rollout(N envs, seeds[:N])``, one call, for each N in ``sizes``;

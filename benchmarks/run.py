@@ -3,13 +3,15 @@
     python -m benchmarks.run                      # CPU (CUDA when present), about 4 min on 2 cores
     python -m benchmarks.run --quick              # a smoke run of every part, about 1 min
     python -m benchmarks.run --scaling            # also SFT and RL at 2 processes vs 1 (+2-3 min)
+    python -m benchmarks.run --parts peer         # rl_finetune vs TRL's GRPOTrainer to a success rate (5-7 min)
     python -m benchmarks.run --memory_model smollm2-135m --output bench.json
 
 Each row of the table is a ratio of two things measured side by side in this run (see each part's module:
-``benchmarks.rollout``, ``.memory``, ``.sft``, ``.icrl``, ``.scaling``), with the issue's target where it set
-one. The JSON (``benchmarks/results/<timestamp>.json`` unless ``--output``) holds the machine (CPU model,
-cores, torch threads, GPU), package versions, the git commit, the settings, each part's wall time and the
-load average around it (other work on a shared CPU shows there), and every figure with its raw numbers.
+``benchmarks.rollout``, ``.memory``, ``.sft``, ``.icrl``, ``.scaling``, ``.peer``), with the issue's target where
+it set one; ``peer`` runs only when ``--parts`` names it (5-7 minutes). The JSON
+(``benchmarks/results/<timestamp>.json`` unless ``--output``) holds the machine (CPU model, cores, torch
+threads, GPU), package versions, the git commit, the settings, each part's wall time and the load average
+around it (other work on a shared CPU shows there), and every figure with its raw numbers.
 Torch runs on ``--threads`` threads (default 1: on this project's 2-core machines a 128-wide model gains
 nothing from a second thread, and one busy core makes two threads far slower).
 """
@@ -32,7 +34,8 @@ from pathlib import Path
 from experiment_args import UsageError, atomic_write_text, cli, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("rollout", "memory", "sft", "icrl")
+PARTS = ("rollout", "memory", "sft", "icrl", "peer")
+OPT_IN = ("peer",)  # minutes each: only when --parts names them
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate")
 
 
@@ -44,11 +47,19 @@ class BenchArguments:
     quick: bool = field(default=False, metadata={"help": "Small sizes for a ~1 minute smoke run (flags given win)."})
     scaling: bool = field(default=False, metadata={"help": "Also SFT and RL at 2 processes vs 1 (a few minutes)."})
     parts: str = field(
-        default=",".join(PARTS), metadata={"help": f"Comma-separated parts to run: {', '.join(PARTS)}."}
+        default=",".join(p for p in PARTS if p not in OPT_IN),
+        metadata={"help": f"Comma-separated parts to run: {', '.join(PARTS)} ({', '.join(OPT_IN)} only when named)."},
     )
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda."})
     threads: int = field(default=1, metadata={"help": "torch threads and OMP_NUM_THREADS (per process)."})
     seed: int = field(default=0, metadata={"help": "Seed of episode starts and sampling."})
+    model: str = field(
+        default="tiny-gpt2-compact",
+        metadata={
+            "help": "Model of the rollout, SFT and scaling parts: tiny-gpt2-compact (the demo's) or tiny-gpt2 "
+            "(the same network with GPT-2's 50,257-token vocabulary)."
+        },
+    )
     rollout_envs: str = field(default="8,32,128", metadata={"help": "Numbers of environments stepped in lockstep."})
     rollout_stage: str = field(default="dropoff", metadata={"help": "Taxi stage of the rollout part."})
     reflection_tokens: int = field(default=32, metadata={"help": "Reflector max_new_tokens in the rollout part."})
@@ -60,6 +71,15 @@ class BenchArguments:
     icrl_test_k: int = field(default=32, metadata={"help": "ICRL test examples (predicted at 3 test steps)."})
     rl_iterations: int = field(default=4, metadata={"help": "Scaling: RL iterations (the first is not timed)."})
     rl_num_envs: int = field(default=16, metadata={"help": "Scaling: RL episodes per iteration (even)."})
+    peer_target: float = field(default=0.7, metadata={"help": "Peer: the training success rate to reach."})
+    peer_window: int = field(default=64, metadata={"help": "Peer: training episodes in the success average."})
+    peer_budget_s: float = field(default=60.0, metadata={"help": "Peer: seconds each run may take to get there."})
+    peer_num_envs: int = field(default=32, metadata={"help": "Peer: episodes per iteration, both sides."})
+    peer_group_size: int = field(default=4, metadata={"help": "Peer: GRPO group size, both sides."})
+    peer_lrs_ours: str = field(default="1e-4,3e-4", metadata={"help": "Peer: learning rates of rl_finetune."})
+    peer_lrs_trl: str = field(default="3e-4,1e-3", metadata={"help": "Peer: learning rates of TRL's GRPO."})
+    peer_sft_steps: int = field(default=200, metadata={"help": "Peer: SFT steps of the shared start policy."})
+    peer_eval_episodes: int = field(default=96, metadata={"help": "Peer: episodes of the final evaluation."})
     work_dir: str = field(default="", metadata={"help": "Keep the runs here; default a temp dir, removed after."})
 
     def __post_init__(self):
@@ -84,6 +104,20 @@ class BenchArguments:
                 raise UsageError(f"--{name} must be positive")
         if self.icrl_test_k < 1 or self.rl_iterations < 2 or self.rl_num_envs % 2:
             raise UsageError("--icrl_test_k must be positive, --rl_iterations >= 2 and --rl_num_envs even")
+        for name in ("peer_window", "peer_sft_steps", "peer_eval_episodes"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be positive")
+        if self.peer_group_size < 2 or self.peer_num_envs % self.peer_group_size:
+            raise UsageError("--peer_group_size must be >= 2 and divide --peer_num_envs")
+        if not 0 <= self.peer_target <= 1 or self.peer_budget_s <= 0:
+            raise UsageError("--peer_target must be in [0, 1] and --peer_budget_s positive")
+        for name in ("peer_lrs_ours", "peer_lrs_trl"):
+            try:
+                rates = [float(x) for x in getattr(self, name).split(",") if x.strip()]
+            except ValueError:
+                rates = []
+            if not rates or min(rates) <= 0:
+                raise UsageError(f"--{name} must be comma-separated positive learning rates")
 
     @property
     def part_list(self) -> list[str]:
@@ -92,6 +126,9 @@ class BenchArguments:
     @property
     def env_sizes(self) -> list[int]:
         return [int(n) for n in self.rollout_envs.split(",") if n.strip()]
+
+    def learning_rates(self, name: str) -> tuple[float, ...]:
+        return tuple(float(x) for x in getattr(self, name).split(",") if x.strip())
 
 
 QUICK = {
@@ -103,6 +140,13 @@ QUICK = {
     "icrl_test_k": 8,
     "rl_iterations": 2,
     "rl_num_envs": 8,
+    "peer_window": 32,
+    "peer_budget_s": 8.0,
+    "peer_num_envs": 16,
+    "peer_lrs_ours": "3e-4",
+    "peer_lrs_trl": "1e-3",
+    "peer_sft_steps": 20,
+    "peer_eval_episodes": 16,
 }
 
 
@@ -200,17 +244,39 @@ def table(figures: list) -> str:
 
 def run_parts(args: BenchArguments, device: str, work_dir: Path, report: dict) -> list:
     """Each part in turn; a failing part is recorded (and the run goes on) rather than losing the others."""
-    from benchmarks import icrl, memory, rollout, scaling, sft
+    from benchmarks import icrl, memory, peer, rollout, scaling, sft
     from benchmarks.common import log
 
     calls = {
         "rollout": lambda: rollout.run(
-            args.env_sizes, args.rollout_stage, args.reflection_tokens, device, seed=args.seed
+            args.env_sizes, args.rollout_stage, args.reflection_tokens, device, args.model, args.seed
         ),
         "memory": lambda: memory.run(args.memory_model, device),
-        "sft": lambda: sft.run(work_dir / "sft", args.sft_warmup, args.sft_steps, args.sft_batch_size, device=device),
+        "sft": lambda: sft.run(
+            work_dir / "sft",
+            args.sft_warmup,
+            args.sft_steps,
+            args.sft_batch_size,
+            device=device,
+            model_name=args.model,
+        ),
         "icrl": lambda: icrl.run(
             work_dir / "icrl", args.icrl_steps, args.icrl_test_k, max(args.icrl_steps // 2, 1), device
+        ),
+        "peer": lambda: peer.run(
+            work_dir / "peer",
+            args.peer_target,
+            args.peer_window,
+            args.peer_budget_s,
+            args.peer_num_envs,
+            args.peer_group_size,
+            args.learning_rates("peer_lrs_ours"),
+            args.learning_rates("peer_lrs_trl"),
+            args.peer_sft_steps,
+            args.peer_eval_episodes,
+            args.threads,
+            device,
+            args.seed,
         ),
         "scaling": lambda: scaling.run(
             work_dir / "scaling",
@@ -220,6 +286,7 @@ def run_parts(args: BenchArguments, device: str, work_dir: Path, report: dict) -
             args.sft_batch_size,
             args.rl_iterations,
             args.rl_num_envs,
+            args.model,
         ),
     }
     names = args.part_list + (["scaling"] if args.scaling else [])

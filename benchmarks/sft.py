@@ -1,8 +1,8 @@
 """SFT throughput: ``training.sft`` vs a minimal hand-written training loop of the same model and data.
 
-Both sides train tiny-gpt2 in full (``--use_peft false``), batch 16, on the same Taxi SFT file written by
-``data_gen.taxi.gen_sft`` into a temp dir, for the role ``policy`` (prompt + reflection -> one label
-token) and the role ``reflector`` (prompt -> a reflection of a few dozen tokens):
+Both sides train the ``--model`` (tiny-gpt2-compact by default) in full (``--use_peft false``), batch 16,
+on the same Taxi SFT file written by ``data_gen.taxi.gen_sft`` into a temp dir, for the role ``policy``
+(prompt + reflection -> one label token) and the role ``reflector`` (prompt -> a reflection of a few dozen tokens):
 
 - ``training.sft.main`` runs in this process with the issue's flags and ``--max_steps warmup + steps``.
   Its ``JsonlLogger`` callback is swapped for a subclass that also records when each optimizer step ends
