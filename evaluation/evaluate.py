@@ -198,6 +198,14 @@ def main(argv: list[str] | None = None) -> dict:
                     f"[{s['success_ci95'][0]:.3f}, {s['success_ci95'][1]:.3f}], return {s['return_mean']:.3f}, "
                     f"length {s['length_mean']:.2f}"
                 )
+        # prompts longer than the model's window lose their start; an environment should cap its observation
+        summary["prompts_cut"] = sum(
+            part.prompt_counts["cut"] for part in (agent, reflector) if hasattr(part, "prompt_counts")
+        )
+        if summary["prompts_cut"]:
+            print(
+                f"warning: {summary['prompts_cut']} prompts were longer than the model's window and cut from the left"
+            )
         atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2))
         if output_dir.exists():
             for name in ("summary.json", "episodes.jsonl"):

@@ -20,6 +20,7 @@ from training.models import (
     load_tokenizer,
     load_two_player,
     resolve_model_path,
+    tokenize_prompts,
     use_adapter,
 )
 
@@ -286,3 +287,18 @@ def test_inverse_cdf_sampler_draws_from_the_tempered_distribution():
     hot = torch.bincount(InverseCDFSampler(0.5)(None, scores).argmax(-1), minlength=4).float() / 4000
     tempered = torch.tensor([0.25, 0.0, 0.09, 0.04]) / 0.38  # p^2, normalised
     assert torch.allclose(hot, tempered, atol=0.03)
+
+
+def test_prompts_longer_than_the_window_are_counted(tiny_model_dir, tok):
+    from training.rollout import LMPolicy
+
+    counts = {}
+    enc = tokenize_prompts(tok, ["a b c d e f", "a b"], max_length=3, counts=counts)
+    assert counts == {"prompts": 2, "cut": 1} and enc["input_ids"].shape == (2, 3)
+    model = frozen()
+    policy = LMPolicy(model, tok, max_length=8)  # PROMPTS are longer than 8 tokens
+    policy.score(PROMPTS, [3, 2])
+    assert policy.prompt_counts == {"prompts": 2, "cut": 2}
+    counts = {}
+    generate_text(model, tok, PROMPTS[:1], max_new_tokens=2, greedy=True, counts=counts)
+    assert counts == {"prompts": 1, "cut": 0}  # fits in 1024 positions

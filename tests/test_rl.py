@@ -187,6 +187,7 @@ def test_rl_trains_policy_adapter_only(sft_runs, tmp_path):
     assert len(history) == 2 and {"env/success_rate", "policy/clipfrac", "objective/kl"} <= set(history[-1])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["iteration"] for r in rows] == [0, 1]
+    assert [r["env/prompts_cut"] for r in rows] == [0, 0]  # Taxi prompts fit the window
     before = load_file(sft_runs["policy"] / "adapter_model.safetensors")
     after_dir = out / "checkpoint-2" / "policy"
     after_file = next(after_dir.rglob("adapter_model.safetensors"))

@@ -391,13 +391,17 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], max_length: int | None = None) -> dict:
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int | None = None, counts: dict | None = None) -> dict:
     """Left-padded ``input_ids`` and ``attention_mask`` (B, T), each prompt cut to its last ``max_length`` tokens.
 
     Cutting from the left keeps the end of the prompt (the action list and ``# Action:``), which is
-    what the next token depends on most.
+    what the next token depends on most; but it loses the task text, so environments cap their
+    observations and every cut is counted: ``counts["prompts"]`` and ``counts["cut"]`` grow.
     """
     ids = tokenizer(prompts)["input_ids"]
+    if counts is not None:
+        counts["prompts"] = counts.get("prompts", 0) + len(ids)
+        counts["cut"] = counts.get("cut", 0) + sum(max_length is not None and len(r) > max_length for r in ids)
     if max_length is not None:
         ids = [row[-max_length:] for row in ids]
     if any(len(row) == 0 for row in ids):
@@ -426,6 +430,7 @@ def action_logprobs(
     label_ids: torch.Tensor,
     max_length: int | None = None,
     return_hidden: bool = False,
+    counts: dict | None = None,
 ):
     """Log-probs (B, A) of each action label after each prompt, and the policy entropy (B,).
 
@@ -434,7 +439,7 @@ def action_logprobs(
     (shuffled labels); the rest are -inf. The softmax is over the admissible label tokens only
     (Reflect-RL's shrunk head). Differentiable: wrap in ``torch.no_grad()`` when only sampling.
     With ``return_hidden`` the last layer's state at the last prompt token (B, H) comes third, for a
-    value head on the same forward pass.
+    value head on the same forward pass. ``counts`` tallies prompts cut to fit (:func:`tokenize_prompts`).
     """
     device = _device(model)
     label_ids = torch.as_tensor(label_ids, dtype=torch.long, device=device)  # (A,) or (B, A)
@@ -442,7 +447,7 @@ def action_logprobs(
     width = label_ids.shape[-1]
     if len(prompts) != len(n) or bool((n < 1).any()) or bool((n > width).any()):
         raise ValueError(f"n_actions must give 1..{width} actions for each of the {len(prompts)} prompts")
-    enc = tokenize_prompts(tokenizer, prompts, max_length or max_positions(model))
+    enc = tokenize_prompts(tokenizer, prompts, max_length or max_positions(model), counts)
     input_ids = enc["input_ids"].to(device)  # (B, T)
     attention_mask = enc["attention_mask"].to(device)  # (B, T)
     # Positions count real tokens only, so a left-padded prompt sees the positions it would alone
@@ -480,16 +485,18 @@ def generate_text(
     temperature: float = 1.0,
     greedy: bool = False,
     stop_strings: list[str] | None = None,
+    counts: dict | None = None,
 ) -> list[str]:
     """The continuation of each prompt (special tokens dropped), ending at EOS or the first stop string.
 
     Plain sampling from the model's distribution at ``temperature`` (no top-k/top-p), or greedy.
-    Runs in eval mode so dropout of a model being trained does not leak into the samples.
+    Runs in eval mode so dropout of a model being trained does not leak into the samples. A prompt
+    longer than the window less ``max_new_tokens`` loses its start, tallied in ``counts``.
     """
     limit = max_positions(model)
     if limit is not None and max_new_tokens >= limit:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {limit} positions")
-    enc = tokenize_prompts(tokenizer, prompts, limit - max_new_tokens if limit else None)
+    enc = tokenize_prompts(tokenizer, prompts, limit - max_new_tokens if limit else None, counts)
     device = _device(model)
     sampling: dict = {"do_sample": False}
     if not greedy:

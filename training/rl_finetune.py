@@ -436,6 +436,11 @@ def check_in_sync(params: list[torch.Tensor], accelerator) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def prompts_cut(policy: LMPolicy, reflector: Reflector | None) -> int:
+    """How many policy and reflector prompts so far were longer than the model's window (cut from the left)."""
+    return policy.prompt_counts["cut"] + (reflector.prompt_counts["cut"] if reflector is not None else 0)
+
+
 @cli
 def main(argv: list[str] | None = None) -> list[dict]:
     from accelerate import Accelerator
@@ -549,6 +554,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t0 = time.time()
         memo_before = (reflector.calls, reflector.hits) if reflector is not None else (0, 0)
         rows_before = (policy.rows_scored, policy.rows_computed)
+        cut_before = prompts_cut(policy, reflector)
         if curriculum.stage not in envs_by_stage:
             envs_by_stage[curriculum.stage] = [env_args.make_env(curriculum.stage) for _ in range(local_envs)]
         envs = envs_by_stage[curriculum.stage]
@@ -566,10 +572,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 generator=sample_gen,
                 bootstrap=value_head is not None,
             )
+        cut = [prompts_cut(policy, reflector) - cut_before]  # prompts longer than the window, cut from the left
         if world > 1:
             from accelerate.utils import gather_object
 
             episodes = gather_object(episodes)  # in process order: the same list on every process
+            cut = gather_object(cut)
         rollout_s = time.time() - t0
         stats = episode_stats(episodes)
         batch = list(episodes)
@@ -699,6 +707,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "timing/rollout_s": rollout_s,
             "timing/update_s": update_s,
             "env/steps_per_s": stats["env/steps"] / max(rollout_s, 1e-9),
+            "env/prompts_cut": sum(cut),
         }
         scored, computed = policy.rows_scored - rows_before[0], policy.rows_computed - rows_before[1]
         row["timing/policy_rows_deduplicated"] = 1 - computed / max(scored, 1)  # identical prompts run once

@@ -132,6 +132,7 @@ class LMPolicy:
         self.adapter, self.max_length = adapter, max_length
         self.shuffle_labels = shuffle_labels
         self.rows_scored = self.rows_computed = 0  # rows asked for and rows run (identical rows run once)
+        self.prompt_counts = {"prompts": 0, "cut": 0}  # prompts run, and those cut to fit the window
         self._labels: list[str] = []
         self._ids: dict[str, int] = {}
 
@@ -182,11 +183,18 @@ class LMPolicy:
         with _adapter_scope(self.model, self.adapter):
             if self.value_head is None:
                 logprobs, entropy = action_logprobs(
-                    self.model, self.tokenizer, prompts, n_actions, ids, self.max_length
+                    self.model, self.tokenizer, prompts, n_actions, ids, self.max_length, counts=self.prompt_counts
                 )
                 return logprobs, entropy, None
             logprobs, entropy, hidden = action_logprobs(
-                self.model, self.tokenizer, prompts, n_actions, ids, self.max_length, return_hidden=True
+                self.model,
+                self.tokenizer,
+                prompts,
+                n_actions,
+                ids,
+                self.max_length,
+                return_hidden=True,
+                counts=self.prompt_counts,
             )
         values = self.value_head(hidden.to(next(self.value_head.parameters()).dtype)).squeeze(-1)  # (B,)
         return logprobs, entropy, values
@@ -229,6 +237,7 @@ class Reflector:
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.memo: dict[str, str] = {}
         self.hits = self.calls = 0
+        self.prompt_counts = {"prompts": 0, "cut": 0}  # prompts generated from, and those cut to fit
 
     @property
     def greedy(self) -> bool:
@@ -259,6 +268,7 @@ class Reflector:
                 self.temperature or 1.0,
                 greedy=self.greedy,
                 stop_strings=["\n\n#", "# Action"],
+                counts=self.prompt_counts,
             )
         return [t.strip() for t in texts]
 
