@@ -69,7 +69,7 @@ if ! wait "$no_reflection"; then
   echo "the arm without reflection failed; its log: $RUN/no_reflection.log" >&2
   exit 1
 fi
-grep -E "success" "$RUN/no_reflection.log" || true
+grep -E ": success [0-9]" "$RUN/no_reflection.log" || true  # its evaluation lines
 stamp "5/5 comparison and plots"
 $PY -m evaluation.compare "$RUN"/eval_sampled/* "$RUN"/eval_greedy/*
 $PY -m visualization.plot "$RUN/reflect_rl" "$RUN/rl_noreflect" "$RUN"/eval_sampled/* --output_dir "$RUN/plots"
