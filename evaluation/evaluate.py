@@ -36,7 +36,7 @@ from experiment_args import (
     parse_with_env,
 )
 from training.players import load_players
-from training.rollout import LMPolicy, OracleAgent, RandomAgent, Reflector, episode_stats, rollout
+from training.rollout import LMPolicy, OracleAgent, RandomAgent, Reflector, episode_stats, prompts_cut, rollout
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -199,9 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"length {s['length_mean']:.2f}"
                 )
         # prompts longer than the model's window lose their start; an environment should cap its observation
-        summary["prompts_cut"] = sum(
-            part.prompt_counts["cut"] for part in (agent, reflector) if hasattr(part, "prompt_counts")
-        )
+        summary["prompts_cut"] = prompts_cut(agent, reflector)
         if summary["prompts_cut"]:
             print(
                 f"warning: {summary['prompts_cut']} prompts were longer than the model's window and cut from the left"

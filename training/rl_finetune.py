@@ -45,7 +45,7 @@ from experiment_args import (
     save_config,
 )
 from training.players import load_players
-from training.rollout import Episode, LMPolicy, Reflector, Step, episode_stats, rollout
+from training.rollout import Episode, LMPolicy, Reflector, Step, episode_stats, prompts_cut, rollout
 
 # ---------------------------------------------------------------------------------------------------
 # pure functions (unit-tested)
@@ -434,11 +434,6 @@ def check_in_sync(params: list[torch.Tensor], accelerator) -> None:
 # ---------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------
-
-
-def prompts_cut(policy: LMPolicy, reflector: Reflector | None) -> int:
-    """How many policy and reflector prompts so far were longer than the model's window (cut from the left)."""
-    return policy.prompt_counts["cut"] + (reflector.prompt_counts["cut"] if reflector is not None else 0)
 
 
 @cli

@@ -390,6 +390,12 @@ def _bootstrap(agent, reflector, observations: list[Observation], episodes: list
         ep.bootstrap = Bootstrap(prompt, n, lab, v)
 
 
+def prompts_cut(*parts) -> int:
+    """How many prompts so far the given policies and reflectors cut to fit the model's window (agents
+    without a model, and None, count 0)."""
+    return sum(part.prompt_counts["cut"] for part in parts if hasattr(part, "prompt_counts"))
+
+
 def episode_stats(episodes: list[Episode]) -> dict[str, float]:
     """Namespaced environment metrics of a batch of episodes."""
     steps = [s for e in episodes for s in e.steps]
