@@ -537,8 +537,126 @@ class TaxiArguments(EnvArguments):
         )
 
 
+# The offline default repositories of AutoExplore: source trees of pure-Python packages this project's
+# environment installs (dependencies of transformers, datasets, torch and the test tools). Those missing
+# from an environment are skipped.
+AUTO_EXPLORE_PACKAGES = ("tqdm", "packaging", "fsspec", "urllib3", "click", "jinja2", "requests", "idna", "dill")
+
+
+@functools.lru_cache(maxsize=8)
+def _auto_explore_tasks(repos: tuple[str, ...], tasks_file: str, max_depth: int) -> tuple:
+    """Every task of ``repos`` (or of ``tasks_file``), generated once per process."""
+    from envs.auto_explore.tasks import generate_tasks, load_tasks
+
+    if tasks_file:
+        return tuple(load_tasks(tasks_file))
+    return tuple(t for repo in repos for t in generate_tasks(repo, max_depth=max_depth))
+
+
+@dataclass
+class AutoExploreArguments(EnvArguments):
+    """AutoExplore options (envs/auto_explore/): repositories, tasks, splits and the episode rules."""
+
+    name: ClassVar[str] = "auto_explore"
+    prefix: ClassVar[str] = "auto_explore_"
+    # depth1: answers at most one cd deep (the paper's Depth 1, its depths 0 and 1 merged); depth2: two
+    # cds; all: every task. A curriculum is --curriculum depth1,depth2.
+    stages: ClassVar[tuple[str, ...]] = ("all", "depth1", "depth2")
+
+    auto_explore_stage: str = field(default="all", metadata={"help": "Tasks by depth: all, depth1 or depth2."})
+    auto_explore_repo_dirs: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated repository directories; default: the installed source trees of "
+            + ", ".join(AUTO_EXPLORE_PACKAGES)
+            + "."
+        },
+    )
+    auto_explore_tasks: str = field(
+        default="", metadata={"help": "A tasks .jsonl (envs.auto_explore.tasks.save_tasks); default: generated."}
+    )
+    auto_explore_max_depth: int = field(default=2, metadata={"help": "Deepest answer (cds) a generated task has."})
+    auto_explore_holdout_repos: str = field(
+        default="",
+        metadata={"help": "Comma-separated repository names whose tasks are the test split, never trained on."},
+    )
+    auto_explore_split_seed: int = field(default=0, metadata={"help": "Seed of the train/validation/test split."})
+    auto_explore_horizon: int = field(default=15, metadata={"help": "Steps before truncation (paper: 15)."})
+    auto_explore_leave_out: float = field(
+        default=0.5,
+        metadata={"help": "Training only: chance to hide each entry off the answer's path (paper: 0.5)."},
+    )
+    auto_explore_max_cat_chars: int = field(
+        default=1500, metadata={"help": "Characters of a file that cat shows (then a notice)."}
+    )
+
+    def __post_init__(self):
+        if self.auto_explore_stage not in self.stages:
+            stages = ", ".join(self.stages)
+            raise UsageError(f"--auto_explore_stage {self.auto_explore_stage!r} is not one of {stages}")
+        if self.auto_explore_horizon <= 0 or self.auto_explore_max_cat_chars <= 0:
+            raise UsageError("--auto_explore_horizon and --auto_explore_max_cat_chars must be positive")
+        if not 0 <= self.auto_explore_leave_out < 1:
+            raise UsageError("--auto_explore_leave_out must be in [0, 1)")
+        if self.auto_explore_tasks and not Path(self.auto_explore_tasks).is_file():
+            raise UsageError(f"--auto_explore_tasks {self.auto_explore_tasks} is not a file")
+        for d in self.repo_dirs():
+            if not Path(d).is_dir():
+                raise UsageError(f"--auto_explore_repo_dirs: {d} is not a directory")
+
+    @property
+    def stage(self) -> str:
+        return self.auto_explore_stage
+
+    def repo_dirs(self) -> list[str]:
+        if self.auto_explore_repo_dirs:
+            return [d for d in self.auto_explore_repo_dirs.split(",") if d]
+        import importlib.util
+
+        found = []
+        for package in AUTO_EXPLORE_PACKAGES:
+            spec = importlib.util.find_spec(package)
+            if spec is not None and spec.submodule_search_locations:
+                found.append(str(Path(list(spec.submodule_search_locations)[0]).resolve()))
+        if not found:
+            raise UsageError("none of the default AutoExplore packages is installed; pass --auto_explore_repo_dirs")
+        return found
+
+    def tasks(self, stage: str | None = None, split: str = "train") -> list:
+        """The tasks of ``split`` at ``stage``'s depths."""
+        from envs.auto_explore.tasks import split_tasks
+
+        every = _auto_explore_tasks(tuple(self.repo_dirs()), self.auto_explore_tasks, self.auto_explore_max_depth)
+        holdout = tuple(r for r in self.auto_explore_holdout_repos.split(",") if r)
+        tasks = split_tasks(list(every), split, self.auto_explore_split_seed, holdout)
+        stage = stage or self.auto_explore_stage
+        if stage == "depth1":
+            tasks = [t for t in tasks if t.depth <= 1]
+        elif stage == "depth2":
+            tasks = [t for t in tasks if t.depth == 2]
+        if not tasks:
+            raise UsageError(
+                f"AutoExplore has no {split} tasks at stage {stage} (repositories: {', '.join(self.repo_dirs())}); "
+                "pass other --auto_explore_repo_dirs, --auto_explore_holdout_repos or --auto_explore_stage"
+            )
+        return tasks
+
+    def make_env(self, stage: str | None = None, split: str = "train"):
+        from envs.auto_explore import AutoExploreEnv
+
+        return AutoExploreEnv(
+            self.tasks(stage, split),
+            horizon=self.auto_explore_horizon,
+            leave_out=self.auto_explore_leave_out if split == "train" else 0.0,
+            max_cat_chars=self.auto_explore_max_cat_chars,
+        )
+
+
 # --env name -> its argument dataclass; an environment is added here and in envs.ENVS.
-ENV_ARGUMENTS: dict[str, type[EnvArguments]] = {TaxiArguments.name: TaxiArguments}
+ENV_ARGUMENTS: dict[str, type[EnvArguments]] = {
+    TaxiArguments.name: TaxiArguments,
+    AutoExploreArguments.name: AutoExploreArguments,
+}
 
 
 def env_arguments(name: str) -> type[EnvArguments]:

@@ -11,7 +11,7 @@ import sys
 
 from experiment_args import UsageError, cli
 
-GENERATORS = {"taxi": "data_gen.taxi.gen_sft"}
+GENERATORS = {"taxi": "data_gen.taxi.gen_sft", "auto_explore": "data_gen.auto_explore.gen_sft"}
 
 
 @cli

@@ -1,12 +1,13 @@
 """Text environments behind one interface (:class:`envs.base.TextEnv`).
 
-``ENVS`` maps the ``--env`` name to its class; later environments (AutoExplore, ALFWorld, the ICPI
+``ENVS`` maps the ``--env`` name to its class; later environments (ALFWorld, the ICPI
 tasks, classification bandits, Game of 24) are added here.
 """
 
+from envs.auto_explore import AutoExploreEnv
 from envs.base import Observation, TextEnv
 from envs.taxi import TaxiEnv
 
-ENVS: dict[str, type[TextEnv]] = {"taxi": TaxiEnv}
+ENVS: dict[str, type[TextEnv]] = {"taxi": TaxiEnv, "auto_explore": AutoExploreEnv}
 
-__all__ = ["ENVS", "Observation", "TextEnv", "TaxiEnv"]
+__all__ = ["ENVS", "AutoExploreEnv", "Observation", "TextEnv", "TaxiEnv"]

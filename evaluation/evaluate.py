@@ -117,6 +117,18 @@ def load_agent(args: EvalArguments):
     return policy, reflector, meta
 
 
+def success_by_tag(episodes) -> dict:
+    """{tag: {value: {"episodes", "success_rate"}}} over the tags environments put on episodes."""
+    groups: dict = {}
+    for e in episodes:
+        for tag, value in e.tags.items():
+            groups.setdefault(tag, {}).setdefault(str(value), []).append(e.success)
+    return {
+        tag: {v: {"episodes": len(s), "success_rate": sum(s) / len(s)} for v, s in sorted(values.items())}
+        for tag, values in sorted(groups.items())
+    }
+
+
 def summarise(episodes) -> dict:
     n = len(episodes)
     wins = sum(e.success for e in episodes)
@@ -138,6 +150,7 @@ def summarise(episodes) -> dict:
         "return_std": float(returns.std()),
         "length_mean": stats["env/episode_length"],
         "invalid_action_rate": stats["env/invalid_action_rate"],
+        "success_by": success_by_tag(episodes),
     }
 
 
@@ -198,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
                     f"[{s['success_ci95'][0]:.3f}, {s['success_ci95'][1]:.3f}], return {s['return_mean']:.3f}, "
                     f"length {s['length_mean']:.2f}"
                 )
+                for tag, values in s["success_by"].items():
+                    rates = ", ".join(f"{v} {r['success_rate']:.3f} (n={r['episodes']})" for v, r in values.items())
+                    print(f"  by {tag}: {rates}")
         # prompts longer than the model's window lose their start; an environment should cap its observation
         summary["prompts_cut"] = prompts_cut(agent, reflector)
         if summary["prompts_cut"]:

@@ -243,6 +243,18 @@ def test_resume_gives_identical_metrics(sft_runs, tmp_path):
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
 
 
+def test_resume_extends_a_finished_run_but_refuses_other_changes(sft_runs, tmp_path, capsys):
+    out = tmp_path / "rl"
+    rl(out, sft_runs, "--iterations", "1", "--save_steps", "1", reflect=False)
+    resume = ("--resume_from_checkpoint", "latest", "--iterations", "2")
+    with pytest.raises(SystemExit):
+        rl(out, sft_runs, *resume, "--learning_rate", "1e-2", reflect=False)
+    assert "differs in learning_rate" in capsys.readouterr().err
+    more = rl(out, sft_runs, *resume, "--save_steps", "1", reflect=False)
+    assert [r["iteration"] for r in more] == [1]
+    assert (out / "checkpoint-2").is_dir() and "iterations: 2" in (out / "config.yaml").read_text()
+
+
 def test_non_finite_updates_are_skipped_then_stop(sft_runs, tmp_path, monkeypatch, capsys):
     def nan_losses(new, old, adv, clip):
         zeros = torch.zeros_like(new).detach()

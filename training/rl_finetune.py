@@ -47,6 +47,10 @@ from experiment_args import (
 from training.players import load_players
 from training.rollout import Episode, LMPolicy, Reflector, Step, episode_stats, prompts_cut, rollout
 
+# Settings a resumed run may change: its length (extend a run with a larger --iterations; a curriculum's
+# stage boundaries move with it) and how often it checkpoints and logs episodes.
+RESUME_MAY_CHANGE = ("iterations", "save_steps", "log_episodes")
+
 # ---------------------------------------------------------------------------------------------------
 # pure functions (unit-tested)
 # ---------------------------------------------------------------------------------------------------
@@ -462,12 +466,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     output_dir = Path(args.output_dir)
     config = resolved_config(args, env_args, ignore=("resume_from_checkpoint", "overwrite_output_dir", "report_to"))
     config["num_processes"] = world
-    # a run may resume on another number of processes (with a warning that its sampling differs)
-    same_run = (
-        check_output_dir(output_dir, config, compare_ignore=("num_processes",))
-        if not args.overwrite_output_dir
-        else False
-    )
+    # A run may resume on another number of processes (with a warning that its sampling differs), and
+    # resuming may extend it (--iterations) or change how often it checkpoints and logs episodes.
+    ignore = ("num_processes",) + (RESUME_MAY_CHANGE if args.resume_from_checkpoint else ())
+    same_run = check_output_dir(output_dir, config, compare_ignore=ignore) if not args.overwrite_output_dir else False
     resume = resolve_resume(output_dir, args.resume_from_checkpoint)
     if same_run and not resume and (output_dir / "metrics.jsonl").exists():
         raise UsageError(
@@ -478,9 +480,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     players.to(accelerator.device)
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes it
     if main_process:
-        check_output_dir(
-            output_dir, config, overwrite=args.overwrite_output_dir and not resume, compare_ignore=("num_processes",)
-        )
+        check_output_dir(output_dir, config, overwrite=args.overwrite_output_dir and not resume, compare_ignore=ignore)
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(output_dir, config)
 

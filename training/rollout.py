@@ -66,6 +66,9 @@ class Episode:
     # set when the horizon cut the episode and the agent has a value head: the return does not end
     # there unless the observation shows the time left (Taxi without history, ALFWorld)
     bootstrap: Bootstrap | None = None
+    # what the environment's first observation tags the episode with (``Observation.extra["tags"]``, e.g.
+    # AutoExplore's depth and repository): evaluation reports success per tag value
+    tags: dict = field(default_factory=dict)
 
     @property
     def ret(self) -> float:
@@ -76,6 +79,7 @@ class Episode:
         return {
             "seed": self.seed,
             "stage": self.stage,
+            "tags": self.tags,
             "success": self.success,
             "return": self.ret,
             "length": len(self.steps),
@@ -321,7 +325,10 @@ def rollout(
         raise ValueError("one seed per environment")
     generator = generator or torch.Generator().manual_seed(0)
     observations = [env.reset(seed=seed) for env, seed in zip(envs, seeds)]
-    episodes = [Episode(seed=seed, stage=getattr(env, "stage", "")) for env, seed in zip(envs, seeds)]
+    episodes = [
+        Episode(seed=seed, stage=getattr(env, "stage", ""), tags=dict(o.extra.get("tags", {})))
+        for env, seed, o in zip(envs, seeds, observations)
+    ]
     live = list(range(len(envs)))
     while live:
         obs = [observations[i] for i in live]

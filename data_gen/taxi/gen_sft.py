@@ -10,43 +10,31 @@ action actually taken under ``--label_source executed`` (the paper's noisy label
 env, and the state it leads to gets a reflection that names the mistake and the correction, labelled
 with the oracle's correcting action (the paper's negative examples, section 4).
 
-Writes ``train/`` and ``test/`` (held-out episode seeds), each with
-``sft.jsonl`` (prompt -> action, no reflection), ``sft_reflection.jsonl`` (prompt -> reflection),
-``sft_policy.jsonl`` (prompt + reflection -> action) and ``*_positive.jsonl`` (no negative examples),
-in ``datasets`` prompt/completion format. Prompts come from ``envs.prompt``, the same code RL and
-evaluation use, so training and acting see identical text.
+Writes ``train/`` and ``test/`` (held-out episode seeds) in the shared format of ``data_gen.writer``
+(``sft``, ``sft_reflection``, ``sft_policy`` and their ``*_positive`` variants).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import random
-import shutil
-import tempfile
-from collections import Counter
 from pathlib import Path
-
-from tqdm import tqdm
 
 from data_gen.reflectors import APIReflector
 from data_gen.taxi.reflection import api_messages, rule_reflection
-from envs.prompt import action_labels, policy_prompt, reflection_prompt
+from data_gen.writer import write_dataset
 from envs.taxi import TaxiEnv, optimal_actions, transition
 from experiment_args import (
     DataGenArguments,
     ReflectorAPIArguments,
     TaxiArguments,
-    atomic_write_text,
     check_output_dir,
     cli,
     parse_args,
     resolved_config,
-    save_config,
 )
 
 TEST_SEED_OFFSET = 1_000_000  # held-out episodes use seeds disjoint from the training ones
-FILES = ("sft", "sft_reflection", "sft_policy")
 
 
 def safe_actions(state: int) -> list[int]:
@@ -91,21 +79,6 @@ def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArgume
     return steps
 
 
-def to_records(steps: list[dict], episode: int) -> dict[str, list[dict]]:
-    """The three SFT views of each step, with metadata columns for analysis."""
-    out: dict[str, list[dict]] = {name: [] for name in FILES}
-    for s in steps:
-        labels = action_labels(len(s["obs"].actions))
-        meta = {"episode": episode, "step": s["step"], "kind": s["kind"], "action": s["obs"].actions[s["label"]]}
-        answer = labels[s["label"]]
-        out["sft"].append({"prompt": policy_prompt(s["obs"], labels), "completion": answer, **meta})
-        out["sft_reflection"].append({"prompt": reflection_prompt(s["obs"]), "completion": s["reflection"], **meta})
-        out["sft_policy"].append(
-            {"prompt": policy_prompt(s["obs"], labels, s["reflection"]), "completion": answer, **meta}
-        )
-    return out
-
-
 def make_reflect(env: TaxiEnv, api_args: ReflectorAPIArguments, output_dir: Path):
     """``reflect(prev_state, action, state, obs) -> str`` for the chosen reflector, and the API client."""
     if api_args.reflector == "rule":
@@ -117,18 +90,6 @@ def make_reflect(env: TaxiEnv, api_args: ReflectorAPIArguments, output_dir: Path
         return client.reflect(api_messages(env, obs.text, state, first_step=prev is None))
 
     return reflect, client
-
-
-def write_split(folder: Path, records: dict[str, list[dict]]) -> dict[str, int]:
-    folder.mkdir(parents=True)
-    counts = {}
-    for name, rows in records.items():
-        positive = [r for r in rows if r["kind"] == "positive"]
-        for fname, subset in ((name, rows), (f"{name}_positive", positive)):
-            with open(folder / f"{fname}.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in subset)
-            counts[fname] = len(subset)
-    return counts
 
 
 @cli
@@ -146,33 +107,20 @@ def main(argv: list[str] | None = None) -> Path:
     env = taxi_args.make_env()
     reflect, client = make_reflect(env, api_args, output_dir)
     rng = random.Random(data_args.seed)
-    splits = {"train": (data_args.num_episodes, 0), "test": (data_args.num_test_episodes, TEST_SEED_OFFSET)}
-    tmp = Path(
-        tempfile.mkdtemp(dir=output_dir.parent if output_dir.parent.exists() else None, prefix=f".{output_dir.name}.")
+    offsets = {"train": 0, "test": TEST_SEED_OFFSET}
+
+    def episode(split: str, i: int) -> list[dict]:
+        return run_episode(env, data_args.seed * 10_000 + offsets[split] + i, rng, data_args, reflect)
+
+    return write_dataset(
+        output_dir,
+        config,
+        {"train": data_args.num_episodes, "test": data_args.num_test_episodes},
+        episode,
+        desc="taxi",
+        stats={"stage": env.stage},
+        final_stats=(lambda: {"api": client.stats}) if client is not None else None,
     )
-    try:
-        stats: dict = {"stage": env.stage}
-        for split, (n, offset) in splits.items():
-            records: dict[str, list[dict]] = {name: [] for name in FILES}
-            kinds: Counter = Counter()
-            for episode in tqdm(range(n), desc=f"taxi {split} episodes", unit="ep"):
-                steps = run_episode(env, data_args.seed * 10_000 + offset + episode, rng, data_args, reflect)
-                kinds.update(s["kind"] for s in steps)
-                for name, rows in to_records(steps, episode).items():
-                    records[name].extend(rows)
-            stats[split] = {"episodes": n, "steps": dict(kinds), "files": write_split(tmp / split, records)}
-        if client is not None:
-            stats["api"] = client.stats
-        atomic_write_text(tmp / "stats.json", json.dumps(stats, indent=2))
-        save_config(tmp, config)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)  # empty, or a different run the user asked to overwrite
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {output_dir}: {json.dumps({k: stats[k]['files'] for k in splits})}")
-    return output_dir
 
 
 if __name__ == "__main__":

@@ -1,0 +1,119 @@
+"""Generate AutoExplore SFT data for the policy and the reflector.
+
+    python -m data_gen.gen_sft --env auto_explore --output_dir data/auto_explore
+    python -m data_gen.gen_sft --env auto_explore --output_dir data/ae --auto_explore_holdout_repos click,idna
+
+Each episode plays one task (episode ``i`` of a split plays task ``seed * 10000 + i`` modulo the split's
+task count) with the expert (``cd`` down the shortest path, ``cat`` the answer, ``id`` it), taking a
+random non-``id`` command instead at rate ``--random_action_rate``; the label is the expert's command,
+or the one taken under ``--label_source executed``. At rate ``--negative_rate``, where the current
+directory has a file that does not answer the task, a step also yields a **negative example** (the
+paper's): a wrong ``cat`` on a copy of the environment, then a reflection that names the mistake,
+labelled with the expert's correction. Training episodes use the train split's tasks with the
+leave-out; ``test/`` uses the test split (held-out repositories with ``--auto_explore_holdout_repos``).
+The files are the shared format of ``data_gen.writer``.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+from data_gen.auto_explore.reflection import api_messages, rule_reflection
+from data_gen.reflectors import APIReflector
+from data_gen.writer import write_dataset
+from envs.auto_explore import AutoExploreEnv
+from experiment_args import (
+    AutoExploreArguments,
+    DataGenArguments,
+    ReflectorAPIArguments,
+    check_output_dir,
+    cli,
+    parse_args,
+    resolved_config,
+)
+
+
+def run_episode(env: AutoExploreEnv, seed: int, rng: random.Random, args: DataGenArguments, reflect) -> list[dict]:
+    """One episode as labelled steps ``{obs, reflection, label, kind, step, meta}``."""
+    obs = env.reset(seed=seed)
+    meta = {"repo": env.task.repo_name, "depth": env.task.depth}
+    steps = []
+    while not env.done:
+        best = env.oracle_action()
+        explore = [i for i, a in enumerate(obs.actions) if not a.startswith("id ")]
+        action = rng.choice(explore) if explore and rng.random() < args.random_action_rate else best
+        steps.append(
+            dict(
+                obs=obs,
+                reflection=reflect(env, obs),
+                label=action if args.label_source == "executed" else best,
+                kind="positive",
+                step=env.steps,
+                meta=meta,
+            )
+        )
+        here = f"{env.cwd}/" if env.cwd else ""
+        wrong = [
+            i
+            for i, a in enumerate(obs.actions)
+            if a.startswith("cat ") and here + a[4:] not in env.task.answers and i != best
+        ]
+        if wrong and rng.random() < args.negative_rate:
+            branch = copy.deepcopy(env)
+            branch_obs, *_ = branch.step(rng.choice(wrong))
+            if not branch.done:
+                steps.append(
+                    dict(
+                        obs=branch_obs,
+                        reflection=reflect(branch, branch_obs),
+                        label=branch.oracle_action(),
+                        kind="negative",
+                        step=branch.steps,
+                        meta=meta,
+                    )
+                )
+        obs, *_ = env.step(action)
+    return steps
+
+
+def make_reflect(api_args: ReflectorAPIArguments, output_dir: Path):
+    """``reflect(env, obs) -> str`` for the chosen reflector, and the API client (or None)."""
+    if api_args.reflector == "rule":
+        return (lambda env, obs: rule_reflection(env)), None
+    client = APIReflector(api_args, Path(api_args.reflector_cache_dir or output_dir.parent / ".reflection_cache"))
+    return (lambda env, obs: client.reflect(api_messages(env, obs.text))), client
+
+
+@cli
+def main(argv: list[str] | None = None) -> Path:
+    data_args, env_args, api_args = parse_args((DataGenArguments, AutoExploreArguments, ReflectorAPIArguments), argv)
+    output_dir = Path(data_args.output_dir)
+    config = {
+        "env": env_args.name,
+        **resolved_config(data_args, env_args, api_args, ignore=("overwrite_output_dir",)),
+    }
+    if check_output_dir(output_dir, config, overwrite=data_args.overwrite_output_dir):
+        print(f"{output_dir} already holds this data set; nothing to do")
+        return output_dir
+    envs = {"train": env_args.make_env(split="train"), "test": env_args.make_env(split="test")}
+    reflect, client = make_reflect(api_args, output_dir)
+    rng = random.Random(data_args.seed)
+
+    def episode(split: str, i: int) -> list[dict]:
+        return run_episode(envs[split], data_args.seed * 10_000 + i, rng, data_args, reflect)
+
+    return write_dataset(
+        output_dir,
+        config,
+        {"train": data_args.num_episodes, "test": data_args.num_test_episodes},
+        episode,
+        desc="auto_explore",
+        stats={"tasks": {split: len(env.tasks) for split, env in envs.items()}},
+        final_stats=(lambda: {"api": client.stats}) if client is not None else None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The SFT data set every environment's generator writes: one format, one atomic write.
+
+An environment's ``gen_sft`` supplies only its episodes, as lists of labelled steps
+``{obs, reflection, label, kind, step}`` (``kind`` is ``positive`` or ``negative``, ``label`` an index
+into ``obs.actions``). This module renders them with ``envs.prompt`` (the code RL and evaluation use,
+so training and acting see identical text) and writes, per split (``train/``, ``test/``):
+
+- ``sft.jsonl``: prompt -> action label (no reflection);
+- ``sft_reflection.jsonl``: reflection prompt -> reflection;
+- ``sft_policy.jsonl``: prompt with the reflection -> action label;
+- each again as ``*_positive.jsonl`` without the negative examples (the paper's ablation);
+
+plus ``stats.json`` and ``config.yaml``, all into a temporary folder renamed into place at the end,
+so an interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from envs.prompt import action_labels, policy_prompt, reflection_prompt
+from experiment_args import atomic_write_text, save_config
+
+FILES = ("sft", "sft_reflection", "sft_policy")
+
+
+def to_records(steps: list[dict], episode: int) -> dict[str, list[dict]]:
+    """The three SFT views of each step, with metadata columns for analysis."""
+    out: dict[str, list[dict]] = {name: [] for name in FILES}
+    for s in steps:
+        labels = action_labels(len(s["obs"].actions))
+        meta = {"episode": episode, "step": s["step"], "kind": s["kind"], "action": s["obs"].actions[s["label"]]}
+        meta.update(s.get("meta", {}))
+        answer = labels[s["label"]]
+        out["sft"].append({"prompt": policy_prompt(s["obs"], labels), "completion": answer, **meta})
+        out["sft_reflection"].append({"prompt": reflection_prompt(s["obs"]), "completion": s["reflection"], **meta})
+        out["sft_policy"].append(
+            {"prompt": policy_prompt(s["obs"], labels, s["reflection"]), "completion": answer, **meta}
+        )
+    return out
+
+
+def write_split(folder: Path, records: dict[str, list[dict]]) -> dict[str, int]:
+    folder.mkdir(parents=True)
+    counts = {}
+    for name, rows in records.items():
+        positive = [r for r in rows if r["kind"] == "positive"]
+        for fname, subset in ((name, rows), (f"{name}_positive", positive)):
+            with open(folder / f"{fname}.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in subset)
+            counts[fname] = len(subset)
+    return counts
+
+
+def write_dataset(
+    output_dir: str | Path,
+    config: dict,
+    splits: dict[str, int],
+    episode: Callable[[str, int], list[dict]],
+    desc: str,
+    stats: dict | None = None,
+    final_stats: Callable[[], dict] | None = None,
+) -> Path:
+    """Write ``splits`` (split -> number of episodes; ``episode(split, i)`` gives episode ``i``'s steps)
+    to ``output_dir`` atomically. ``stats`` start stats.json; ``final_stats()`` adds to it at the end."""
+    output_dir = Path(output_dir)
+    parent = output_dir.parent if output_dir.parent.exists() else None
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output_dir.name}."))
+    stats = dict(stats or {})
+    try:
+        for split, n in splits.items():
+            records: dict[str, list[dict]] = {name: [] for name in FILES}
+            kinds: Counter = Counter()
+            for i in tqdm(range(n), desc=f"{desc} {split} episodes", unit="ep"):
+                steps = episode(split, i)
+                kinds.update(s["kind"] for s in steps)
+                for name, rows in to_records(steps, i).items():
+                    records[name].extend(rows)
+            stats[split] = {"episodes": n, "steps": dict(kinds), "files": write_split(tmp / split, records)}
+        if final_stats is not None:
+            stats.update(final_stats())
+        atomic_write_text(tmp / "stats.json", json.dumps(stats, indent=2))
+        save_config(tmp, config)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)  # empty, or a different run the user asked to overwrite
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {output_dir}: {json.dumps({k: stats[k]['files'] for k in splits})}")
+    return output_dir
