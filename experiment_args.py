@@ -874,6 +874,10 @@ class RLArguments:
     iterations: int = field(default=50, metadata={"help": "Rollout + update rounds."})
     num_envs: int = field(default=32, metadata={"help": "Episodes per iteration, stepped in lockstep."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate (paper: 2e-4)."})
+    anneal_lr: bool = field(
+        default=False,
+        metadata={"help": "Decay the learning rate linearly to 0 over --iterations (CleanRL's anneal_lr)."},
+    )
     gamma: float = field(default=0.95, metadata={"help": "Discount (paper: 1.0)."})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda (ppo)."})
     clip_coef: float = field(default=0.2, metadata={"help": "PPO ratio clip."})

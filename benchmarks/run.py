@@ -1,14 +1,14 @@
 """``make bench``: run the benchmark parts, print one table, write every number as JSON.
 
-    python -m benchmarks.run                      # CPU (CUDA when present), about 4 min on 2 cores
+    python -m benchmarks.run                      # every part, CPU (CUDA when present), about 10 min on 2 cores
     python -m benchmarks.run --quick              # a smoke run of every part, about 1 min
     python -m benchmarks.run --scaling            # also SFT and RL at 2 processes vs 1 (+2-3 min)
-    python -m benchmarks.run --parts peer         # rl_finetune vs TRL's GRPOTrainer to a success rate (5-7 min)
+    python -m benchmarks.run --parts peer         # only rl_finetune vs TRL's GRPOTrainer to a success rate (5-7 min)
     python -m benchmarks.run --memory_model smollm2-135m --output bench.json
 
 Each row of the table is a ratio of two things measured side by side in this run (see each part's module:
 ``benchmarks.rollout``, ``.memory``, ``.sft``, ``.icrl``, ``.scaling``, ``.peer``), with the issue's target where
-it set one; ``peer`` runs only when ``--parts`` names it (5-7 minutes). The JSON
+it set one; ``peer`` takes 5-7 of the run's minutes. The JSON
 (``benchmarks/results/<timestamp>.json`` unless ``--output``) holds the machine (CPU model, cores, torch
 threads, GPU), package versions, the git commit, the settings, each part's wall time and the load average
 around it (other work on a shared CPU shows there), and every figure with its raw numbers.
@@ -35,7 +35,6 @@ from experiment_args import UsageError, atomic_write_text, cli, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("rollout", "memory", "sft", "icrl", "peer")
-OPT_IN = ("peer",)  # minutes each: only when --parts names them
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate")
 
 
@@ -47,8 +46,7 @@ class BenchArguments:
     quick: bool = field(default=False, metadata={"help": "Small sizes for a ~1 minute smoke run (flags given win)."})
     scaling: bool = field(default=False, metadata={"help": "Also SFT and RL at 2 processes vs 1 (a few minutes)."})
     parts: str = field(
-        default=",".join(p for p in PARTS if p not in OPT_IN),
-        metadata={"help": f"Comma-separated parts to run: {', '.join(PARTS)} ({', '.join(OPT_IN)} only when named)."},
+        default=",".join(PARTS), metadata={"help": f"Comma-separated parts to run: {', '.join(PARTS)}."}
     )
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda."})
     threads: int = field(default=1, metadata={"help": "torch threads and OMP_NUM_THREADS (per process)."})

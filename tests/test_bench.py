@@ -64,6 +64,7 @@ def test_quick_run_writes_every_ratio(tmp_path):
     flags = ["--quick", "--threads", "1", "--output", str(out), "--rollout_envs", "2,3", "--reflection_tokens", "4"]
     flags += ["--sft_warmup", "1", "--sft_steps", "1", "--sft_batch_size", "4", "--icrl_steps", "6"]
     flags += ["--icrl_test_k", "3", "--work_dir", str(tmp_path / "work")]
+    flags += ["--parts", "rollout,memory,sft,icrl"]  # peer has its own test (tests/test_bench_peer.py)
     threads = torch.get_num_threads()
     report = bench_main(flags)
     assert torch.get_num_threads() == threads  # restored

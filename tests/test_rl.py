@@ -183,8 +183,9 @@ def rl(out, runs, *flags, reflect=True):
 
 def test_rl_trains_policy_adapter_only(sft_runs, tmp_path):
     out = tmp_path / "rl"
-    history = rl(out, sft_runs, "--iterations", "2", "--save_steps", "2", "--learning_rate", "1e-2")
+    history = rl(out, sft_runs, "--iterations", "2", "--save_steps", "2", "--learning_rate", "1e-2", "--anneal_lr")
     assert len(history) == 2 and {"env/success_rate", "policy/clipfrac", "objective/kl"} <= set(history[-1])
+    assert [r["train/learning_rate"] for r in history] == pytest.approx([1e-2, 5e-3])  # linear decay to 0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["iteration"] for r in rows] == [0, 1]
     assert [r["env/prompts_cut"] for r in rows] == [0, 0]  # Taxi prompts fit the window

@@ -544,6 +544,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     while state["iteration"] < args.iterations:
         iteration = state["iteration"]
+        if args.anneal_lr:
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * (1 - iteration / args.iterations)
         # 2. rollout: this process's share of num_envs episodes in lockstep, then the whole batch ------
         # Seeds follow the iteration (the env cursor); a group of group_size episodes shares one seed.
         t0 = time.time()
@@ -691,6 +694,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         state["env_steps"] += int(stats["env/steps"])
         state["iteration"] = iteration + 1
         row = {"iteration": iteration, "env_steps": state["env_steps"], "curriculum/stage": curriculum.stage}
+        row["train/learning_rate"] = optimizer.param_groups[0]["lr"]
         row |= stats | {k: sum(v) / len(v) for k, v in metrics.items()}
         rollout_kl = [s.logprob - s.ref_logprob for s in steps if s.action is not None] if reference else []
         if rollout_kl:
