@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-RUN ?= runs/demo
+# make demo ENV=auto_explore runs the AutoExplore pipeline (scripts/demo_auto_explore.sh) instead of Taxi's
+ENV ?= taxi
+DEMO_SCRIPT := $(if $(filter auto_explore,$(ENV)),scripts/demo_auto_explore.sh,scripts/demo.sh)
+RUN ?= $(if $(filter auto_explore,$(ENV)),runs/demo_auto_explore,runs/demo)
 
 .PHONY: venv test demo demo-seeds bench lint clean
 
@@ -21,7 +24,7 @@ test: $(STAMP)
 
 # The whole pipeline on the built-in tiny-gpt2-compact (scripts/demo.sh says each step).
 demo: $(STAMP)
-	PYTHON=$(PY) bash scripts/demo.sh $(RUN)
+	PYTHON=$(PY) bash $(DEMO_SCRIPT) $(RUN)
 
 # The demo with seeds 0, 1 and 2 (runs/demo_seed*), then mean, std and range over the seeds.
 demo-seeds: $(STAMP)

@@ -58,6 +58,8 @@ $PY -m evaluation.taxi_plans --reflector_path "$RUN/sft_reflector" $TAXI --outpu
 # The two arms are independent from here, so they run side by side (one core each on a 2-core machine);
 # the arm without reflection logs to $RUN/no_reflection.log, printed when it ends.
 POLICY_SFT="--max_steps $SFT_STEPS --model_name_or_path $RUN/sft_reflector $SFT"
+# One torch thread per process from here: two arms of two threads each on 2 cores ran 2.5x slower.
+export OMP_NUM_THREADS=${ARM_THREADS:-1}
 stamp "3/5 in parallel: policy SFT -> Reflect-RL -> evaluation | plain SFT -> RL without reflection -> evaluation"
 (
   $PY -m training.sft --role plain --data_dir "$RUN/data" --output_dir "$RUN/sft_plain" $POLICY_SFT
