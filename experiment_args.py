@@ -493,7 +493,10 @@ class TaxiArguments(EnvArguments):
     taxi_history: bool = field(default=True, metadata={"help": "List the actions taken so far (as the paper)."})
     taxi_reward: str = field(
         default="paper",
-        metadata={"help": "paper (gym's rewards / 20, -10/20 danger) or success (1 on success, else 0)."},
+        metadata={
+            "help": "paper (gym's rewards / 20, -10/20 danger), success (1 on success, else 0) or success_danger "
+            "(1 on success, -10/20 when the danger rule ends the episode, else 0)."
+        },
     )
     taxi_dropoff_start: str = field(
         default="pickup",
@@ -515,8 +518,8 @@ class TaxiArguments(EnvArguments):
             raise UsageError(f"--taxi_stage {self.taxi_stage!r} is not one of {', '.join(self.stages)}")
         if self.taxi_horizon <= 0:
             raise UsageError("--taxi_horizon must be positive")
-        if self.taxi_reward not in ("paper", "success"):
-            raise UsageError(f"--taxi_reward {self.taxi_reward!r} is not one of paper, success")
+        if self.taxi_reward not in ("paper", "success", "success_danger"):
+            raise UsageError(f"--taxi_reward {self.taxi_reward!r} is not one of paper, success, success_danger")
 
     @property
     def stage(self) -> str:

@@ -10,8 +10,11 @@ so training and acting see identical text) and writes, per split (``train/``, ``
 - ``sft_policy.jsonl``: prompt with the reflection -> action label;
 - each again as ``*_positive.jsonl`` without the negative examples (the paper's ablation);
 
-plus ``stats.json`` and ``config.yaml``, all into a temporary folder renamed into place at the end,
-so an interrupted run leaves nothing half-written.
+plus ``stats.json`` (with ``action_labels``, every label the data uses) and ``config.yaml``, all into a
+temporary folder renamed into place at the end, so an interrupted run leaves nothing half-written.
+Labels are ``0``-``9``, ``a``-``z``, ``A``-``Z`` (``envs.prompt.action_labels``); a state with more actions
+is a clear error. SFT checks that its tokenizer keeps each label one token and that RL and evaluation
+would render the same labels, so the three can never disagree.
 """
 
 from __future__ import annotations
@@ -26,16 +29,23 @@ from pathlib import Path
 from tqdm import tqdm
 
 from envs.prompt import action_labels, policy_prompt, reflection_prompt
-from experiment_args import atomic_write_text, save_config
+from experiment_args import UsageError, atomic_write_text, save_config
 
 FILES = ("sft", "sft_reflection", "sft_policy")
+MAX_LABELS = len(action_labels(62))  # digits and letters: single tokens for every tokenizer we know
 
 
 def to_records(steps: list[dict], episode: int) -> dict[str, list[dict]]:
     """The three SFT views of each step, with metadata columns for analysis."""
     out: dict[str, list[dict]] = {name: [] for name in FILES}
     for s in steps:
-        labels = action_labels(len(s["obs"].actions))
+        n = len(s["obs"].actions)
+        if n > MAX_LABELS:
+            raise UsageError(
+                f"a state has {n} actions, more than the {MAX_LABELS} single-character labels (0-9, a-z, A-Z) the "
+                "data uses; cap the environment's actions (e.g. smaller directories for AutoExplore)"
+            )
+        labels = action_labels(n)
         meta = {"episode": episode, "step": s["step"], "kind": s["kind"], "action": s["obs"].actions[s["label"]]}
         meta.update(s.get("meta", {}))
         answer = labels[s["label"]]
@@ -74,16 +84,19 @@ def write_dataset(
     parent = output_dir.parent if output_dir.parent.exists() else None
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output_dir.name}."))
     stats = dict(stats or {})
+    widest = 0  # the most actions of any state: its labels are every label the data uses
     try:
         for split, n in splits.items():
             records: dict[str, list[dict]] = {name: [] for name in FILES}
             kinds: Counter = Counter()
             for i in tqdm(range(n), desc=f"{desc} {split} episodes", unit="ep"):
                 steps = episode(split, i)
+                widest = max([widest] + [len(s["obs"].actions) for s in steps])
                 kinds.update(s["kind"] for s in steps)
                 for name, rows in to_records(steps, i).items():
                     records[name].extend(rows)
             stats[split] = {"episodes": n, "steps": dict(kinds), "files": write_split(tmp / split, records)}
+        stats["action_labels"] = action_labels(min(widest, MAX_LABELS))
         if final_stats is not None:
             stats.update(final_stats())
         atomic_write_text(tmp / "stats.json", json.dumps(stats, indent=2))

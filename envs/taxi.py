@@ -10,7 +10,8 @@ deterministic). Changes, as in the paper:
 - **Rewards** are gymnasium's (-1 a step, +20 on delivery) divided by 20, plus a pick-up bonus of
   +1 (20/20) the first time the passenger boards (stages ``pickup`` and ``full``).
 - **Horizon** 15 steps, then ``truncated``.
-- ``reward="success"`` (not in the paper) pays 1 for finishing the stage and 0 otherwise.
+- ``reward="success"`` (not in the paper) pays 1 for finishing the stage and 0 otherwise;
+  ``reward="success_danger"`` also keeps the paper's -0.5 for the danger rule (no cost per step).
 - **Stages** (curriculum): ``pickup`` ends with success on the first pick-up; ``dropoff`` starts
   with the passenger already in the taxi, at the spot where it was picked up (what the original's
   oracle replay produced), and succeeds on delivery; ``full`` succeeds on delivery. With
@@ -31,7 +32,7 @@ from envs.base import Observation, TextEnv
 
 ACTIONS = ["move south", "move north", "move east", "move west", "pick up passenger", "drop off passenger"]
 STAGES = ("pickup", "dropoff", "full")
-REWARDS = ("paper", "success")
+REWARDS = ("paper", "success", "success_danger")
 DROPOFF_STARTS = ("pickup", "anywhere")
 IN_TAXI = 4
 REWARD_SCALE = 20.0
@@ -237,6 +238,10 @@ class TaxiEnv(TextEnv):
             # Only finishing the stage pays. Under the paper's shaping a policy that never succeeds
             # does best by crashing at once (-0.5 beats wandering at -0.05 a step and then crashing).
             reward = 1.0 if success else 0.0
+        elif self.reward_mode == "success_danger":
+            # Finishing pays 1 and the danger rule still costs the paper's -0.5, with no cost per step:
+            # a policy that cannot finish yet learns to stay alive (and so finds the goal more often).
+            reward = 1.0 if success else DANGER_REWARD if terminated else 0.0
         self.state = next_state
         truncated = not terminated and self.steps >= self.horizon
         self.done = terminated or truncated

@@ -36,6 +36,31 @@ def test_files_round_trip_through_datasets(tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["train"]["files"]["sft"] == len(read(out / "train" / "sft.jsonl"))
     assert yaml.safe_load((out / "config.yaml").read_text())["env"] == "taxi"  # what RL and evaluation inherit
+    assert stats["action_labels"] == ["0", "1", "2", "3", "4", "5"]
+
+
+def test_labels_beyond_the_single_characters_are_a_clear_error():
+    from data_gen.writer import to_records
+    from envs.base import Observation
+    from experiment_args import UsageError
+
+    wide = Observation("a state", [f"action {i}" for i in range(70)])
+    with pytest.raises(UsageError, match="70 actions, more than the 62"):
+        to_records([dict(obs=wide, reflection="r", label=0, kind="positive", step=0)], episode=0)
+
+
+def test_sft_refuses_labels_its_tokenizer_would_render_otherwise():
+    from envs.base import Observation
+    from envs.prompt import policy_prompt
+    from experiment_args import UsageError
+    from training.models import load_tokenizer
+    from training.sft import check_labels
+
+    tokenizer = load_tokenizer("tiny-gpt2")
+    obs = Observation("a state", ["go left", "go right", "stay"])
+    check_labels([{"prompt": policy_prompt(obs, ["0", "1", "2"])}], tokenizer)  # the canonical labels
+    with pytest.raises(UsageError, match="labels its actions 0 2 1"):
+        check_labels([{"prompt": policy_prompt(obs, ["0", "2", "1"])}], tokenizer)
 
 
 def test_views_are_aligned_and_formats_match(tmp_path):

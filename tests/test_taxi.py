@@ -214,3 +214,15 @@ def test_success_reward_pays_only_for_finishing():
     assert (reward, terminated, info["success"]) == (1.0, True, True)
     with pytest.raises(ValueError):
         TaxiEnv(reward="shaped")
+
+
+def test_success_danger_reward_keeps_only_the_crash_cost():
+    env = TaxiEnv(stage="pickup", reward="success_danger")
+    start(env, encode(2, 2, 0, 1))
+    assert env.step(NORTH)[1] == 0.0  # no cost per step
+    start(env, encode(0, 1, 2, 0))
+    _, reward, terminated, _, _ = env.step(EAST)  # a wall bump: the paper's -10/20, and the episode ends
+    assert (reward, terminated) == (-0.5, True)
+    start(env, encode(*LOCS[0], 0, 1))
+    _, reward, terminated, _, info = env.step(PICKUP)
+    assert (reward, terminated, info["success"]) == (1.0, True, True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, set_seed
 
-from envs.prompt import label_token_ids, prompt_labels
+from envs.prompt import action_labels, label_token_ids, prompt_labels
 from experiment_args import (
     ModelArguments,
     SFTScriptArguments,
@@ -59,7 +59,7 @@ RUN_KEYS = (
 def read_jsonl(path: str, flag: str) -> list[dict]:
     """Rows of a prompt/completion JSONL file; a missing or malformed file is a UsageError."""
     if not Path(path).is_file():
-        raise UsageError(f"{path} does not exist; run python -m data_gen.taxi.gen_sft first or fix {flag}")
+        raise UsageError(f"{path} does not exist; run python -m data_gen.gen_sft --env ENV first or fix {flag}")
     rows = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -160,6 +160,21 @@ def action_accuracy(model, tokenizer, rows: list[dict], batch_size: int, max_len
     return {f"action_accuracy_{k}" if k != "all" else "action_accuracy": sum(v) / len(v) for k, v in correct.items()}
 
 
+def check_labels(rows: list[dict], tokenizer) -> None:
+    """The data's action labels must be the ones RL and evaluation will show this tokenizer's model (the
+    first n of ``envs.prompt.action_labels(n, tokenizer)``, each a single token); else a clear error."""
+    widest = max((prompt_labels(r["prompt"]) for r in rows), key=len, default=[])
+    try:
+        expected = action_labels(len(widest), tokenizer)
+    except ValueError as err:
+        raise UsageError(f"--model_name_or_path: {err}") from None
+    if widest != expected:
+        raise UsageError(
+            f"--data_dir labels its actions {' '.join(widest)}, but for this tokenizer RL and evaluation would "
+            f"use {' '.join(expected)} (some labels are not single tokens); pick another --model_name_or_path"
+        )
+
+
 @cli
 def main(argv: list[str] | None = None) -> dict:
     from accelerate import PartialState
@@ -194,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Load before writing anything: an unknown or unreachable model must leave no run folder behind.
     set_seed(train_args.seed)  # before the model: a new LoRA's initial weights come from the global RNG
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.cache_dir)
+    if script_args.role != "reflector":
+        check_labels(train_rows, tokenizer)
     model = load_model(model_args, trainable=True, activation_checkpointing=train_args.activation_checkpointing)
     with state.main_process_first():
         if state.is_main_process:
