@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from envs.prompt import action_labels, policy_prompt, reflection_prompt
-from experiment_args import UsageError, atomic_write_text, save_config
+from experiment_args import UsageError, atomic_write_text, check_output_dir, resolved_config, save_config
 
 FILES = ("sft", "sft_reflection", "sft_policy")
 MAX_LABELS = len(action_labels(62))  # digits and letters: single tokens for every tokenizer we know
@@ -69,6 +69,20 @@ def write_split(folder: Path, records: dict[str, list[dict]]) -> dict[str, int]:
     return counts
 
 
+def begin_dataset(data_args, env_args, api_args) -> tuple[Path, dict, bool]:
+    """(output_dir, config, done) of a generator's run: the config it records (``env`` first) and whether
+    ``output_dir`` already holds this very data set (then there is nothing to do)."""
+    output_dir = Path(data_args.output_dir)
+    config = {
+        "env": env_args.name,
+        **resolved_config(data_args, env_args, api_args, ignore=("overwrite_output_dir",)),
+    }
+    done = check_output_dir(output_dir, config, overwrite=data_args.overwrite_output_dir)
+    if done:
+        print(f"{output_dir} already holds this data set; nothing to do")
+    return output_dir, config, done
+
+
 def write_dataset(
     output_dir: str | Path,
     config: dict,
@@ -76,10 +90,10 @@ def write_dataset(
     episode: Callable[[str, int], list[dict]],
     desc: str,
     stats: dict | None = None,
-    final_stats: Callable[[], dict] | None = None,
+    api_client=None,
 ) -> Path:
     """Write ``splits`` (split -> number of episodes; ``episode(split, i)`` gives episode ``i``'s steps)
-    to ``output_dir`` atomically. ``stats`` start stats.json; ``final_stats()`` adds to it at the end."""
+    to ``output_dir`` atomically. ``stats`` start stats.json; an API reflector's counters end it."""
     output_dir = Path(output_dir)
     parent = output_dir.parent if output_dir.parent.exists() else None
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output_dir.name}."))
@@ -97,8 +111,8 @@ def write_dataset(
                     records[name].extend(rows)
             stats[split] = {"episodes": n, "steps": dict(kinds), "files": write_split(tmp / split, records)}
         stats["action_labels"] = action_labels(min(widest, MAX_LABELS))
-        if final_stats is not None:
-            stats.update(final_stats())
+        if api_client is not None:
+            stats["api"] = api_client.stats
         atomic_write_text(tmp / "stats.json", json.dumps(stats, indent=2))
         save_config(tmp, config)
         if output_dir.exists():

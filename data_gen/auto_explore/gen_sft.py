@@ -22,16 +22,14 @@ from pathlib import Path
 
 from data_gen.auto_explore.reflection import api_messages, rule_reflection
 from data_gen.reflectors import APIReflector
-from data_gen.writer import write_dataset
+from data_gen.writer import begin_dataset, write_dataset
 from envs.auto_explore import AutoExploreEnv
 from experiment_args import (
     AutoExploreArguments,
     DataGenArguments,
     ReflectorAPIArguments,
-    check_output_dir,
     cli,
     parse_args,
-    resolved_config,
 )
 
 
@@ -89,13 +87,8 @@ def make_reflect(api_args: ReflectorAPIArguments, output_dir: Path):
 @cli
 def main(argv: list[str] | None = None) -> Path:
     data_args, env_args, api_args = parse_args((DataGenArguments, AutoExploreArguments, ReflectorAPIArguments), argv)
-    output_dir = Path(data_args.output_dir)
-    config = {
-        "env": env_args.name,
-        **resolved_config(data_args, env_args, api_args, ignore=("overwrite_output_dir",)),
-    }
-    if check_output_dir(output_dir, config, overwrite=data_args.overwrite_output_dir):
-        print(f"{output_dir} already holds this data set; nothing to do")
+    output_dir, config, done = begin_dataset(data_args, env_args, api_args)
+    if done:
         return output_dir
     envs = {"train": env_args.make_env(split="train"), "test": env_args.make_env(split="test")}
     reflect, client = make_reflect(api_args, output_dir)
@@ -111,7 +104,7 @@ def main(argv: list[str] | None = None) -> Path:
         episode,
         desc="auto_explore",
         stats={"tasks": {split: len(env.tasks) for split, env in envs.items()}},
-        final_stats=(lambda: {"api": client.stats}) if client is not None else None,
+        api_client=client,
     )
 
 

@@ -22,16 +22,14 @@ from pathlib import Path
 
 from data_gen.reflectors import APIReflector
 from data_gen.taxi.reflection import api_messages, rule_reflection
-from data_gen.writer import write_dataset
+from data_gen.writer import begin_dataset, write_dataset
 from envs.taxi import TaxiEnv, optimal_actions, transition
 from experiment_args import (
     DataGenArguments,
     ReflectorAPIArguments,
     TaxiArguments,
-    check_output_dir,
     cli,
     parse_args,
-    resolved_config,
 )
 
 TEST_SEED_OFFSET = 1_000_000  # held-out episodes use seeds disjoint from the training ones
@@ -95,13 +93,8 @@ def make_reflect(env: TaxiEnv, api_args: ReflectorAPIArguments, output_dir: Path
 @cli
 def main(argv: list[str] | None = None) -> Path:
     data_args, taxi_args, api_args = parse_args((DataGenArguments, TaxiArguments, ReflectorAPIArguments), argv)
-    output_dir = Path(data_args.output_dir)
-    config = {
-        "env": taxi_args.name,
-        **resolved_config(data_args, taxi_args, api_args, ignore=("overwrite_output_dir",)),
-    }
-    if check_output_dir(output_dir, config, overwrite=data_args.overwrite_output_dir):
-        print(f"{output_dir} already holds this data set; nothing to do")
+    output_dir, config, done = begin_dataset(data_args, taxi_args, api_args)
+    if done:
         return output_dir
 
     env = taxi_args.make_env()
@@ -119,7 +112,7 @@ def main(argv: list[str] | None = None) -> Path:
         episode,
         desc="taxi",
         stats={"stage": env.stage},
-        final_stats=(lambda: {"api": client.stats}) if client is not None else None,
+        api_client=client,
     )
 
 
