@@ -14,7 +14,7 @@ SFT_STEPS=${SFT_STEPS:-300}
 RL_ITERS=${RL_ITERS:-80}
 EVAL_EPISODES=${EVAL_EPISODES:-300}
 # NO_NEGATIVES=1 adds the ablation "Reflect-RL without negative examples" (policy SFT on the positive steps
-# only, then the same RL), run after the arm without reflection: about 6 more minutes on 2 cores.
+# only, then the same RL), run after the arm without reflection: one more policy SFT and RL run (untimed).
 NO_NEGATIVES=${NO_NEGATIVES:-0}
 # The drop-off stage with the taxi starting anywhere (96 start states), no action history (prompts are a
 # function of the state, so greedy reflections are memoised) and a success-only reward (the paper's shaping
