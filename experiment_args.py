@@ -547,6 +547,20 @@ AUTO_EXPLORE_PACKAGES = ("tqdm", "packaging", "fsspec", "urllib3", "click", "jin
 
 
 @functools.lru_cache(maxsize=8)
+def _installed_packages(packages: tuple[str, ...]) -> tuple[str, ...]:
+    """The source folders of those ``packages`` that are installed, looked up once per process (RL builds
+    one environment per episode slot, each of which asks)."""
+    import importlib.util
+
+    found = []
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            found.append(str(Path(list(spec.submodule_search_locations)[0]).resolve()))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=8)
 def _auto_explore_tasks(repos: tuple[str, ...], tasks_file: str, max_depth: int) -> tuple:
     """Every task of ``repos`` (or of ``tasks_file``), generated once per process."""
     from envs.auto_explore.tasks import generate_tasks, load_tasks
@@ -614,16 +628,10 @@ class AutoExploreArguments(EnvArguments):
     def repo_dirs(self) -> list[str]:
         if self.auto_explore_repo_dirs:
             return [d for d in self.auto_explore_repo_dirs.split(",") if d]
-        import importlib.util
-
-        found = []
-        for package in AUTO_EXPLORE_PACKAGES:
-            spec = importlib.util.find_spec(package)
-            if spec is not None and spec.submodule_search_locations:
-                found.append(str(Path(list(spec.submodule_search_locations)[0]).resolve()))
+        found = _installed_packages(AUTO_EXPLORE_PACKAGES)
         if not found:
             raise UsageError("none of the default AutoExplore packages is installed; pass --auto_explore_repo_dirs")
-        return found
+        return list(found)
 
     def tasks(self, stage: str | None = None, split: str = "train") -> list:
         """The tasks of ``split`` at ``stage``'s depths."""
