@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.auto_explore import AutoExploreEnv, PathError, RepoView, generate_tasks, split_tasks
+from envs.auto_explore import AutoExploreEnv, PathError, RepoView, generate_tasks, load_tasks, save_tasks, split_tasks
 from envs.auto_explore.tasks import Task
 from experiment_args import AutoExploreArguments, UsageError
 
@@ -169,6 +169,12 @@ def test_splits_and_held_out_repositories(repo, tmp_path):
         args.make_env(split="test")
     with pytest.raises(UsageError, match="auto_explore_repo_dirs"):
         AutoExploreArguments(auto_explore_repo_dirs=str(tmp_path / "missing"))
+    saved = tmp_path / "tasks.jsonl"
+    save_tasks(tasks[:2], saved)
+    assert load_tasks(saved) == tasks[:2]
+    saved.write_text(saved.read_text() + '{"question": "no answers"}\nnot json\n')
+    with pytest.raises(UsageError, match="tasks.jsonl:3 is not a task record"):
+        load_tasks(saved)
 
 
 def test_data_sft_rl_and_evaluation_with_env_auto_explore(repo, tmp_path):

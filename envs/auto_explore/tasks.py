@@ -166,4 +166,15 @@ def save_tasks(tasks: list[Task], path: str | Path) -> None:
 
 
 def load_tasks(path: str | Path) -> list[Task]:
-    return [Task(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Tasks saved by :func:`save_tasks`; a malformed line is a UsageError naming the file and line."""
+    from experiment_args import UsageError
+
+    tasks = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            tasks.append(Task(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise UsageError(f"--auto_explore_tasks {path}:{number} is not a task record ({err})") from None
+    return tasks
