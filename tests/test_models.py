@@ -275,18 +275,44 @@ def test_smollm2_converts_from_gguf_and_generates(tmp_path):
         shutil.rmtree(path, ignore_errors=True)  # 0.5 GB; nothing else uses it
 
 
-def test_inverse_cdf_sampler_draws_from_the_tempered_distribution():
-    from training.models import InverseCDFSampler
+def test_inverse_cdf_sampling_draws_from_the_tempered_distribution():
+    from training.models import sample_tokens
 
     torch.manual_seed(0)
     scores = torch.log(torch.tensor([[0.5, 0.0, 0.3, 0.2]])).repeat(4000, 1)  # 4000 rows at once
-    rows = InverseCDFSampler(1.0)(None, scores)
-    assert bool((rows.max(-1).values == 0).all()) and int(torch.isfinite(rows).sum()) == 4000  # one-hot rows
-    freq = torch.bincount(rows.argmax(-1), minlength=4).float() / 4000
+    freq = torch.bincount(sample_tokens(scores, 1.0), minlength=4).float() / 4000
     assert freq[1] == 0 and torch.allclose(freq, torch.tensor([0.5, 0.0, 0.3, 0.2]), atol=0.03)
-    hot = torch.bincount(InverseCDFSampler(0.5)(None, scores).argmax(-1), minlength=4).float() / 4000
+    hot = torch.bincount(sample_tokens(scores, 0.5), minlength=4).float() / 4000
     tempered = torch.tensor([0.25, 0.0, 0.09, 0.04]) / 0.38  # p^2, normalised
     assert torch.allclose(hot, tempered, atol=0.03)
+    assert sample_tokens(scores[:2], None).tolist() == [0, 0]
+
+
+def test_decode_matches_generate_and_drops_finished_rows(tiny_model_dir, tok):
+    from training.models import decode
+
+    model = frozen()
+    # a duplicate prompt (prefilled once), and prompts of different lengths (left padding)
+    enc = tokenize_prompts(tok, PROMPTS + PROMPTS[:1])
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    reference = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
+    )[:, ids.shape[1] :]
+    assert torch.equal(decode(model, ids, mask, 6), reference)
+    # a row that meets its EOS ends there and is padded; the others go on unchanged
+    eos = int(reference[0, 2])
+    ended = decode(model, ids, mask, 6, eos_token_id=eos, pad_token_id=-1)
+    for row, ref in zip(ended.tolist(), reference.tolist()):
+        cut = ref.index(eos) + 1 if eos in ref else len(ref)
+        assert row[:cut] == ref[:cut] and set(row[cut:]) <= {-1}
+    # a stop rule that ends every row after two tokens ends the loop there
+    calls = []
+    short = decode(model, ids, mask, 6, stop=lambda rows: calls.append(rows.shape) or torch.full((len(rows),), rows.shape[1] >= 2))
+    assert torch.equal(short, reference[:, :2]) and calls == [(3, 1), (3, 2)]
+    torch.manual_seed(0)
+    first = decode(model, ids, mask, 6, temperature=1.0)
+    torch.manual_seed(0)
+    assert torch.equal(first, decode(model, ids, mask, 6, temperature=1.0)) and first.shape == (3, 6)
 
 
 def test_prompts_longer_than_the_window_are_counted(tiny_model_dir, tok):

@@ -48,8 +48,9 @@ from training.players import load_players
 from training.rollout import Episode, LMPolicy, Reflector, Step, episode_stats, prompts_cut, rollout
 
 # Settings a resumed run may change: its length (extend a run with a larger --iterations; a curriculum's
-# stage boundaries move with it) and how often it checkpoints and logs episodes.
-RESUME_MAY_CHANGE = ("iterations", "save_steps", "log_episodes")
+# stage boundaries move with it), how often it checkpoints and logs episodes, and where it lives (a run
+# folder copied or moved elsewhere resumes there).
+RESUME_MAY_CHANGE = ("iterations", "save_steps", "log_episodes", "output_dir")
 
 # ---------------------------------------------------------------------------------------------------
 # pure functions (unit-tested)
