@@ -307,7 +307,12 @@ def test_decode_matches_generate_and_drops_finished_rows(tiny_model_dir, tok):
         assert row[:cut] == ref[:cut] and set(row[cut:]) <= {-1}
     # a stop rule that ends every row after two tokens ends the loop there
     calls = []
-    short = decode(model, ids, mask, 6, stop=lambda rows: calls.append(rows.shape) or torch.full((len(rows),), rows.shape[1] >= 2))
+
+    def after_two(rows):
+        calls.append(rows.shape)
+        return torch.full((len(rows),), rows.shape[1] >= 2)
+
+    short = decode(model, ids, mask, 6, stop=after_two)
     assert torch.equal(short, reference[:, :2]) and calls == [(3, 1), (3, 2)]
     torch.manual_seed(0)
     first = decode(model, ids, mask, 6, temperature=1.0)
