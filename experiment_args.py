@@ -729,13 +729,22 @@ class DataGenArguments:
             "help": "Per step, the chance to add a negative example: a wrong move, then a corrective reflection."
         },
     )
+    swap_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "Per negative example, the chance to add a swapped one (Taxi, rule reflector): the same state "
+            "with a reflection whose plan names another move, labelled with that move, for the policy data only. "
+            "It teaches the policy to act on the reflection, which a rule reflector's plan, a function of the "
+            "state, does not (0: the paper's data)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the episode starts and random actions."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir from a different run."})
 
     def __post_init__(self):
         if self.num_episodes <= 0 or self.num_test_episodes < 0:
             raise UsageError("--num_episodes must be positive and --num_test_episodes >= 0")
-        for name in ("random_action_rate", "negative_rate"):
+        for name in ("random_action_rate", "negative_rate", "swap_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UsageError(f"--{name} must be in [0, 1]")
         if self.label_source not in ("oracle", "executed"):

@@ -1,8 +1,9 @@
 """The SFT data set every environment's generator writes: one format, one atomic write.
 
 An environment's ``gen_sft`` supplies only its episodes, as lists of labelled steps
-``{obs, reflection, label, kind, step}`` (``kind`` is ``positive`` or ``negative``, ``label`` an index
-into ``obs.actions``). This module renders them with ``envs.prompt`` (the code RL and evaluation use,
+``{obs, reflection, label, kind, step}`` (``kind`` is ``positive``, ``negative`` or ``swapped``, ``label``
+an index into ``obs.actions``; a swapped step, whose reflection names another action than the best, is
+policy data only). This module renders them with ``envs.prompt`` (the code RL and evaluation use,
 so training and acting see identical text) and writes, per split (``train/``, ``test/``):
 
 - ``sft.jsonl``: prompt -> action label (no reflection);
@@ -49,8 +50,11 @@ def to_records(steps: list[dict], episode: int) -> dict[str, list[dict]]:
         meta = {"episode": episode, "step": s["step"], "kind": s["kind"], "action": s["obs"].actions[s["label"]]}
         meta.update(s.get("meta", {}))
         answer = labels[s["label"]]
-        out["sft"].append({"prompt": policy_prompt(s["obs"], labels), "completion": answer, **meta})
-        out["sft_reflection"].append({"prompt": reflection_prompt(s["obs"]), "completion": s["reflection"], **meta})
+        if s["kind"] != "swapped":  # its reflection is not the reflector's to learn, nor its label the state's
+            out["sft"].append({"prompt": policy_prompt(s["obs"], labels), "completion": answer, **meta})
+            out["sft_reflection"].append(
+                {"prompt": reflection_prompt(s["obs"]), "completion": s["reflection"], **meta}
+            )
         out["sft_policy"].append(
             {"prompt": policy_prompt(s["obs"], labels, s["reflection"]), "completion": answer, **meta}
         )

@@ -86,6 +86,29 @@ def test_negative_examples_and_positive_files(tmp_path):
     assert all(r["kind"] == "positive" for r in read(none / "train" / "sft.jsonl"))
 
 
+def test_swapped_examples_name_another_move_and_stay_in_the_policy_data(tmp_path, capsys):
+    flags = ("--negative_rate", "1.0", "--taxi_history", "false")
+    plain = generate(tmp_path / "p", *flags)
+    out = generate(tmp_path / "s", *flags, "--swap_rate", "1.0")
+    policy = read(out / "train" / "sft_policy.jsonl")
+    swapped = [r for r in policy if r["kind"] == "swapped"]
+    negatives = [r for r in policy if r["kind"] == "negative"]
+    assert swapped and len(swapped) <= len(negatives)
+    for row in swapped:
+        # the label follows the reflection's plan, which is not the oracle's move in that state
+        assert f"Best next action: {row['action']}." in row["prompt"]
+        fix = next(r for r in negatives if r["prompt"].split(ANALYZE_HEAD)[0] == row["prompt"].split(ANALYZE_HEAD)[0])
+        assert fix["action"] != row["action"]
+    for name in ("sft", "sft_reflection", "sft_policy_positive"):
+        assert all(r["kind"] != "swapped" for r in read(out / "train" / f"{name}.jsonl"))
+    assert json.loads((out / "stats.json").read_text())["train"]["steps"]["swapped"] == len(swapped)
+    # without swaps the data is the paper's: no swapped rows, and none of the random draws they take
+    assert all(r["kind"] != "swapped" for r in read(plain / "train" / "sft_policy.jsonl"))
+    with pytest.raises(SystemExit):
+        generate(tmp_path / "api", "--swap_rate", "0.5", "--reflector", "api", "--reflector_model", "m")
+    assert "--swap_rate needs --reflector rule" in capsys.readouterr().err
+
+
 def test_labels_are_oracle_actions_even_with_random_moves(tmp_path):
     out = generate(tmp_path, "--random_action_rate", "1.0", "--negative_rate", "0")
     for row in read(out / "train" / "sft_policy.jsonl"):
@@ -138,6 +161,7 @@ def test_rule_reflection_texts():
     [
         (["--taxi_stage", "nowhere"], "--taxi_stage"),
         (["--negative_rate", "1.5"], "--negative_rate"),
+        (["--swap_rate", "-0.1"], "--swap_rate"),
         (["--reflector", "gpt"], "--reflector"),
         (["--no_such_flag", "1"], "unknown flag"),
     ],

@@ -28,6 +28,7 @@ from experiment_args import (
     AutoExploreArguments,
     DataGenArguments,
     ReflectorAPIArguments,
+    UsageError,
     cli,
     parse_args,
 )
@@ -87,6 +88,8 @@ def make_reflect(api_args: ReflectorAPIArguments, output_dir: Path):
 @cli
 def main(argv: list[str] | None = None) -> Path:
     data_args, env_args, api_args = parse_args((DataGenArguments, AutoExploreArguments, ReflectorAPIArguments), argv)
+    if data_args.swap_rate:
+        raise UsageError("--swap_rate is Taxi's (its rule reflector's plan names one move); drop it for auto_explore")
     output_dir, config, done = begin_dataset(data_args, env_args, api_args)
     if done:
         return output_dir

@@ -8,7 +8,12 @@ Trajectories follow the BFS oracle, with a random (non-fatal) action instead at 
 action actually taken under ``--label_source executed`` (the paper's noisy labels). At rate
 ``--negative_rate`` a step also yields a **negative example**: a wrong move is taken on a copy of the
 env, and the state it leads to gets a reflection that names the mistake and the correction, labelled
-with the oracle's correcting action (the paper's negative examples, section 4).
+with the oracle's correcting action (the paper's negative examples, section 4). At rate
+``--swap_rate`` a negative example also yields a **swapped** one (not in the paper; rule reflector
+only): the same state and reflection, but the plan names another move and the label is that move. In
+the rule reflector's data the plan is a function of the state, so a small policy can fit its labels from
+the state and ignore the reflection; swapped examples are fit only by reading it (they go to the policy
+data alone, never to the reflector's or the no-reflection data).
 
 Writes ``train/`` and ``test/`` (held-out episode seeds) in the shared format of ``data_gen.writer``
 (``sft``, ``sft_reflection``, ``sft_policy`` and their ``*_positive`` variants).
@@ -28,6 +33,7 @@ from experiment_args import (
     DataGenArguments,
     ReflectorAPIArguments,
     TaxiArguments,
+    UsageError,
     cli,
     parse_args,
 )
@@ -40,8 +46,9 @@ def safe_actions(state: int) -> list[int]:
     return [a for a in range(6) if transition(state, a)[0] != state]
 
 
-def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArguments, reflect) -> list[dict]:
-    """One episode as a list of labelled steps ``{obs, reflection, label, kind, step}``."""
+def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArguments, reflect, swap=None) -> list[dict]:
+    """One episode as a list of labelled steps ``{obs, reflection, label, kind, step}``. ``swap(prev_state,
+    action, state, plan_action)`` writes a swapped example's reflection (needed when ``args.swap_rate``)."""
     obs = env.reset(seed=seed)
     prev_state, last_action, steps = None, None, []
     while not env.done:
@@ -63,15 +70,28 @@ def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArgume
             mistake = rng.choice(wrong)
             branch_obs, *_ = branch.step(mistake)
             if not branch.done:
+                fix = branch.oracle_action()
                 steps.append(
                     dict(
                         obs=branch_obs,
                         reflection=reflect(state, mistake, branch.state, branch_obs),
-                        label=branch.oracle_action(),
+                        label=fix,
                         kind="negative",
                         step=branch.steps,
                     )
                 )
+                others = [a for a in safe_actions(branch.state) if a != fix]
+                if args.swap_rate and others and rng.random() < args.swap_rate:
+                    move = rng.choice(others)
+                    steps.append(
+                        dict(
+                            obs=branch_obs,
+                            reflection=swap(state, mistake, branch.state, move),
+                            label=move,
+                            kind="swapped",
+                            step=branch.steps,
+                        )
+                    )
         obs, *_ = env.step(action)
         prev_state, last_action = state, action
     return steps
@@ -97,13 +117,18 @@ def main(argv: list[str] | None = None) -> Path:
     if done:
         return output_dir
 
+    if data_args.swap_rate and api_args.reflector != "rule":
+        raise UsageError("--swap_rate needs --reflector rule (it rewrites the plan of a rule reflection)")
     env = taxi_args.make_env()
     reflect, client = make_reflect(env, api_args, output_dir)
     rng = random.Random(data_args.seed)
     offsets = {"train": 0, "test": TEST_SEED_OFFSET}
 
     def episode(split: str, i: int) -> list[dict]:
-        return run_episode(env, data_args.seed * 10_000 + offsets[split] + i, rng, data_args, reflect)
+        return run_episode(env, data_args.seed * 10_000 + offsets[split] + i, rng, data_args, reflect, swap)
+
+    def swap(prev_state, action, state, plan_action):
+        return rule_reflection(env, prev_state, action, state, plan_action)
 
     return write_dataset(
         output_dir,

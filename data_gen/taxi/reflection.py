@@ -27,12 +27,15 @@ def _target(state: int) -> tuple[int, int]:
     return LOCS[destination] if passenger == IN_TAXI else LOCS[passenger]
 
 
-def rule_reflection(env: TaxiEnv, prev_state: int | None, action: int | None, state: int) -> str:
+def rule_reflection(
+    env: TaxiEnv, prev_state: int | None, action: int | None, state: int, plan_action: int | None = None
+) -> str:
     """What ``action`` did between ``prev_state`` and ``state``, and the plan from ``state``.
 
-    ``prev_state=None`` is the first step of an episode: only the plan.
+    ``prev_state=None`` is the first step of an episode: only the plan. ``plan_action`` replaces the
+    oracle's action in the plan (a swapped example's reflection).
     """
-    best = ACTIONS[env.oracle_action_at(state)]
+    best = ACTIONS[env.oracle_action_at(state) if plan_action is None else plan_action]
     phase = _phase(state)
     # Steps to the next milestone (pick-up, then drop-off); the drop-off counts its final action.
     left = int(goal_distances("pickup" if phase == "pick-up" else "deliver")[state])
