@@ -997,8 +997,14 @@ class PlanCheckArguments:
     """How often a Taxi reflector's plan is a shortest-path action (evaluation/taxi_plans.py)."""
 
     reflector_path: str = field(default="", metadata={"help": "SFT reflector run folder (training.sft)."})
+    policy_path: str = field(
+        default="",
+        metadata={
+            "help": "Also an SFT policy folder: how much it acts on the plan (its move's probability, swap shift)."
+        },
+    )
     reflection_max_tokens: int = field(default=32, metadata={"help": "Token cap of one reflection."})
-    batch_size: int = field(default=64, metadata={"help": "States reflected on at once."})
+    batch_size: int = field(default=64, metadata={"help": "States reflected on (or prompts scored) at once."})
     output: str = field(default="", metadata={"help": "Also write the result (wrong states included) as JSON."})
 
     def __post_init__(self):

@@ -80,6 +80,9 @@ stamp "3/5 in parallel: policy SFT -> Reflect-RL -> evaluation | plain SFT -> RL
 ) > "$RUN/no_reflection.log" 2>&1 &
 no_reflection=$!
 $PY -m training.sft --role policy --data_dir "$RUN/data" --output_dir "$RUN/sft_policy" $POLICY_SFT
+# How much the SFT policy acts on the plan (its "swap shift"): ~0 is a policy RL cannot teach to follow it.
+$PY -m evaluation.taxi_plans --reflector_path "$RUN/sft_reflector" --policy_path "$RUN/sft_policy" $TAXI \
+  --output "$RUN/sft_policy/plans.json"
 stamp "Reflect-RL"
 $PY -m training.rl_finetune --policy_path "$RUN/sft_policy" --reflector_path "$RUN/sft_reflector" --output_dir "$RUN/reflect_rl" $RL
 stamp "evaluation of Reflect-RL and SFT-only (sampled and greedy actions)"

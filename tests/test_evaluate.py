@@ -125,3 +125,33 @@ def test_taxi_plan_accuracy_counts_shortest_path_plans():
     expected = sum(0 in optimal_actions(s, "dropoff") for s in stage_states("dropoff")) / 100
     assert south["accuracy"] == pytest.approx(expected) and 0 < expected < 1
     assert plan_action("no plan here") is None and plan_action("Best next action: fly.") is None
+
+
+def test_plan_reading_tells_a_policy_that_acts_on_the_plan_from_one_that_does_not():
+    import torch
+
+    from data_gen.taxi.reflection import rule_reflection
+    from envs.prompt import action_labels
+    from envs.taxi import ACTIONS, TaxiEnv
+    from evaluation.taxi_plans import plan_action, plan_reading, stage_observations, stage_states, swap_plan
+
+    env = TaxiEnv(stage="dropoff", history=False, coordinates=True)
+    observations = stage_observations(env, stage_states("dropoff"))
+    reflections = [rule_reflection(env, None, None, o.extra["state"]) for o in observations]
+    assert plan_action(swap_plan(reflections[0], 2)) == 2 and swap_plan(reflections[0], 2).endswith("away.")
+
+    def reader(prompts, n_actions):  # puts 0.7 on whatever move the prompt's plan names
+        rows = torch.full((len(prompts), 6), 0.06)
+        for b, prompt in enumerate(prompts):
+            rows[b, plan_action(prompt)] = 0.7
+        return rows
+
+    def ignorer(prompts, n_actions):  # the same distribution whatever the plan says
+        return torch.full((len(prompts), 6), 1 / 6)
+
+    moves = sum(plan_action(r) is not None and ACTIONS[plan_action(r)].startswith("move") for r in reflections)
+    read = plan_reading(reader, observations, reflections, action_labels)
+    assert read["states"] == moves > 0
+    assert read["follow"] == pytest.approx(0.7) and read["swap_shift"] == pytest.approx(0.64)
+    ignored = plan_reading(ignorer, observations, reflections, action_labels)
+    assert ignored["follow"] == pytest.approx(1 / 6) and ignored["swap_shift"] == pytest.approx(0.0)

@@ -288,17 +288,34 @@ def test_inverse_cdf_sampling_draws_from_the_tempered_distribution():
     assert sample_tokens(scores[:2], None).tolist() == [0, 0]
 
 
-def test_decode_matches_generate_and_drops_finished_rows(tiny_model_dir, tok):
+def test_decode_matches_generate_and_drops_finished_rows(model_cache):
+    from envs.prompt import reflection_prompt
+    from envs.taxi import TaxiEnv
     from training.models import decode
 
-    model = frozen()
-    # a duplicate prompt (prefilled once), and prompts of different lengths (left padding)
-    enc = tokenize_prompts(tok, PROMPTS + PROMPTS[:1])
+    # the compact model (random, 128 wide) continues different prompts differently, so a row that got
+    # another row's cache shows; Taxi prompts of two lengths (left padding), and a duplicate
+    tok = load_tokenizer("tiny-gpt2-compact")
+    model = load_model(ModelArguments(model_name_or_path="tiny-gpt2-compact", use_peft=False), trainable=False)
+    with torch.no_grad():  # sharper attention than at init, so the next token depends on the whole cache
+        for name, param in model.named_parameters():
+            if "attn.c_attn.weight" in name:
+                param.mul_(20)
+    env = TaxiEnv(stage="dropoff", history=False, dropoff_start="anywhere")
+    prompts = [reflection_prompt(env.reset(seed=s)) for s in (3, 0, 1)]
+    prompts[1] = prompts[1].split("\n", 1)[1]  # without its first line: a shorter prompt
+    enc = tokenize_prompts(tok, prompts + prompts[:1])
     ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert len(set(mask.sum(1).tolist())) == 2
     reference = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
     )[:, ids.shape[1] :]
     assert torch.equal(decode(model, ids, mask, 6), reference)
+    # two distinct prompts whose continuations differ, in both orders: the prefill sorts the prompts, so
+    # one order is out of sorted order, and a row given the other's cache would show
+    pair = next([i, j] for i in range(3) for j in range(i + 1, 3) if not torch.equal(reference[i], reference[j]))
+    for order in (pair, pair[::-1]):
+        assert torch.equal(decode(model, ids[order], mask[order], 6), reference[order])
     # a row that meets its EOS ends there and is padded; the others go on unchanged
     eos = int(reference[0, 2])
     ended = decode(model, ids, mask, 6, eos_token_id=eos, pad_token_id=-1)
@@ -313,11 +330,11 @@ def test_decode_matches_generate_and_drops_finished_rows(tiny_model_dir, tok):
         return torch.full((len(rows),), rows.shape[1] >= 2)
 
     short = decode(model, ids, mask, 6, stop=after_two)
-    assert torch.equal(short, reference[:, :2]) and calls == [(3, 1), (3, 2)]
+    assert torch.equal(short, reference[:, :2]) and calls == [(4, 1), (4, 2)]
     torch.manual_seed(0)
     first = decode(model, ids, mask, 6, temperature=1.0)
     torch.manual_seed(0)
-    assert torch.equal(first, decode(model, ids, mask, 6, temperature=1.0)) and first.shape == (3, 6)
+    assert torch.equal(first, decode(model, ids, mask, 6, temperature=1.0)) and first.shape == (4, 6)
 
 
 def test_prompts_longer_than_the_window_are_counted(tiny_model_dir, tok):

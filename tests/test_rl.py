@@ -579,3 +579,25 @@ def test_identical_prompts_are_scored_once_with_the_same_outputs_and_gradients(t
     assert len(grads) == len(grads_ref)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-4)  # float noise of other batch shapes
+
+
+def test_taxi_plans_measures_how_a_policy_acts_on_the_plan(sft_runs, tmp_path, monkeypatch, capsys):
+    from evaluation import taxi_plans
+    from training.rollout import Reflector
+
+    out = tmp_path / "plans.json"
+    flags = ["--reflector_path", str(sft_runs["reflector"]), "--policy_path", str(sft_runs["policy"])]
+    flags += ["--taxi_stage", "dropoff", "--reflection_max_tokens", "4", "--batch_size", "37", "--output", str(out)]
+    # a barely trained reflector names no move: said, not a crash
+    taxi_plans.main(flags)
+    assert "nothing to swap" in capsys.readouterr().out
+    assert json.loads(out.read_text())["policy"] == {"states": 0}
+    # with plans that name a move, every state is scored with its plan and the 3 swapped ones (batches of 37)
+    monkeypatch.setattr(Reflector, "reflect", lambda self, obs: ["Best next action: move north."] * len(obs))
+    result = taxi_plans.main(flags)
+    reading = json.loads(out.read_text())["policy"]
+    assert reading["states"] == 100 and reading == result["policy"]
+    for key in ("follow", "swapped_follow", "unswapped"):
+        assert 0 < reading[key] < 1
+    assert reading["swap_shift"] == pytest.approx(reading["swapped_follow"] - reading["unswapped"])
+    assert "swap shift" in capsys.readouterr().out

@@ -566,8 +566,8 @@ def decode(
     )
     logits = out.logits[:, -1, :][inverse]  # (B, V)
     cache = out.past_key_values
-    if len(distinct) < batch:
-        cache.batch_select_indices(inverse.to(device))  # each row gets its prompt's cache
+    if not torch.equal(inverse, torch.arange(batch, device=inverse.device)):
+        cache.batch_select_indices(inverse)  # each row gets its prompt's cache (unique() also sorts them)
     mask = attention_mask
     next_position = positions[inverse, -1:] + 1  # (B, 1)
     new = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # (B, N)
