@@ -591,7 +591,7 @@ def test_taxi_plans_measures_how_a_policy_acts_on_the_plan(sft_runs, tmp_path, m
     # a barely trained reflector names no move: said, not a crash
     taxi_plans.main(flags)
     assert "nothing to swap" in capsys.readouterr().out
-    assert json.loads(out.read_text())["policy"] == {"states": 0}
+    assert json.loads(out.read_text())["policy"]["states"] == 0
     # with plans that name a move, every state is scored with its plan and the 3 swapped ones (batches of 37)
     monkeypatch.setattr(Reflector, "reflect", lambda self, obs: ["Best next action: move north."] * len(obs))
     result = taxi_plans.main(flags)
