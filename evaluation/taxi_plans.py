@@ -80,7 +80,7 @@ def plan_reading(
     from envs.prompt import policy_prompt
 
     moves = [i for i, name in enumerate(ACTIONS) if name.startswith("move")]
-    prompts, n_actions, index = [], [], []  # index: (state, variant move or None for the true plan)
+    prompts, n_actions, index = [], [], []  # index: (state, the plan's move, the swapped-in move or None)
     for b, (obs, text) in enumerate(zip(observations, reflections)):
         named = plan_action(text)
         if named not in moves:
