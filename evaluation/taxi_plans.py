@@ -122,7 +122,6 @@ def plan_accuracy(reflect: Callable[[list[Observation]], list[str]], env: TaxiEn
         "states": len(states),
         "accuracy": 1 - len(wrong) / len(states),
         "wrong": wrong,
-        "reflections": reflections,
     }
 
 
@@ -161,7 +160,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     env = taxi_args.make_env()
     result = plan_accuracy(reflect, env)
-    reflections = result.pop("reflections")
     result["reflector_path"] = args.reflector_path
     print(
         f"plans right in {result['states'] - len(result['wrong'])}/{result['states']} {result['stage']} states "
@@ -173,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['reflection'][:80]!r}"
         )
     if args.policy_path:
-        reading = result["policy"] = _policy_reading(args, env, reflections)
+        reading = result["policy"] = _policy_reading(args, env, reflect)
         if not reading["states"]:
             print(f"policy {args.policy_path}: no plan names a move, so there is nothing to swap")
         else:
@@ -187,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _policy_reading(args, env: TaxiEnv, reflections: list[str]) -> dict:
+def _policy_reading(args, env: TaxiEnv, reflect: Callable[[list[Observation]], list[str]]) -> dict:
     from training.models import load_model, load_tokenizer
     from training.players import run_model_args
     from training.rollout import LMPolicy
@@ -208,7 +206,9 @@ def _policy_reading(args, env: TaxiEnv, reflections: list[str]) -> dict:
         width = max(r.shape[1] for r in rows)
         return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows])
 
-    result = plan_reading(score, stage_observations(env, stage_states(env.stage)), reflections, policy.labels)
+    observations = stage_observations(env, stage_states(env.stage))
+    # the reflector's greedy plans are memoised by prompt: these are plan_accuracy's, not decoded again
+    result = plan_reading(score, observations, reflect(observations), policy.labels)
     return {"policy_path": args.policy_path, **result}
 
 

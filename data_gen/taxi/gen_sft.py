@@ -46,9 +46,8 @@ def safe_actions(state: int) -> list[int]:
     return [a for a in range(6) if transition(state, a)[0] != state]
 
 
-def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArguments, reflect, swap=None) -> list[dict]:
-    """One episode as a list of labelled steps ``{obs, reflection, label, kind, step}``. ``swap(prev_state,
-    action, state, plan_action)`` writes a swapped example's reflection (needed when ``args.swap_rate``)."""
+def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArguments, reflect) -> list[dict]:
+    """One episode as a list of labelled steps ``{obs, reflection, label, kind, step}``."""
     obs = env.reset(seed=seed)
     prev_state, last_action, steps = None, None, []
     while not env.done:
@@ -86,7 +85,7 @@ def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArgume
                     steps.append(
                         dict(
                             obs=branch_obs,
-                            reflection=swap(state, mistake, branch.state, move),
+                            reflection=rule_reflection(env, state, mistake, branch.state, move),
                             label=move,
                             kind="swapped",
                             step=branch.steps,
@@ -113,22 +112,19 @@ def make_reflect(env: TaxiEnv, api_args: ReflectorAPIArguments, output_dir: Path
 @cli
 def main(argv: list[str] | None = None) -> Path:
     data_args, taxi_args, api_args = parse_args((DataGenArguments, TaxiArguments, ReflectorAPIArguments), argv)
+    if data_args.swap_rate and api_args.reflector != "rule":
+        raise UsageError("--swap_rate needs --reflector rule (it rewrites the plan of a rule reflection)")
     output_dir, config, done = begin_dataset(data_args, taxi_args, api_args)
     if done:
         return output_dir
 
-    if data_args.swap_rate and api_args.reflector != "rule":
-        raise UsageError("--swap_rate needs --reflector rule (it rewrites the plan of a rule reflection)")
     env = taxi_args.make_env()
     reflect, client = make_reflect(env, api_args, output_dir)
     rng = random.Random(data_args.seed)
     offsets = {"train": 0, "test": TEST_SEED_OFFSET}
 
     def episode(split: str, i: int) -> list[dict]:
-        return run_episode(env, data_args.seed * 10_000 + offsets[split] + i, rng, data_args, reflect, swap)
-
-    def swap(prev_state, action, state, plan_action):
-        return rule_reflection(env, prev_state, action, state, plan_action)
+        return run_episode(env, data_args.seed * 10_000 + offsets[split] + i, rng, data_args, reflect)
 
     return write_dataset(
         output_dir,
