@@ -1010,6 +1010,8 @@ class PlanCheckArguments:
     def __post_init__(self):
         if not self.reflector_path:
             raise UsageError("--reflector_path is required (an SFT reflector run folder from training.sft)")
+        if self.policy_path and not Path(self.policy_path).is_dir():
+            raise UsageError(f"--policy_path {self.policy_path} is not a folder; pass an SFT policy run folder")
         if self.reflection_max_tokens <= 0 or self.batch_size <= 0:
             raise UsageError("--reflection_max_tokens and --batch_size must be positive")
 

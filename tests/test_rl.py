@@ -588,6 +588,9 @@ def test_taxi_plans_measures_how_a_policy_acts_on_the_plan(sft_runs, tmp_path, m
     out = tmp_path / "plans.json"
     flags = ["--reflector_path", str(sft_runs["reflector"]), "--policy_path", str(sft_runs["policy"])]
     flags += ["--taxi_stage", "dropoff", "--reflection_max_tokens", "4", "--batch_size", "37", "--output", str(out)]
+    with pytest.raises(SystemExit):  # a missing policy folder is named before any model loads
+        taxi_plans.main(["--reflector_path", str(sft_runs["reflector"]), "--policy_path", str(tmp_path / "none")])
+    assert "--policy_path" in capsys.readouterr().err
     # a barely trained reflector names no move: said, not a crash
     taxi_plans.main(flags)
     assert "nothing to swap" in capsys.readouterr().out
