@@ -495,7 +495,8 @@ class TaxiArguments(EnvArguments):
         default="paper",
         metadata={
             "help": "paper (gym's rewards / 20, -10/20 danger), success (1 on success, else 0) or success_danger "
-            "(1 on success, -10/20 when the danger rule ends the episode, else 0)."
+            "(1 on success, -10/20 when the danger rule ends the episode, else 0) or progress (success plus 0.1 "
+            "per step of the oracle's distance to the goal that a move gains, minus 0.1 per step lost)."
         },
     )
     taxi_dropoff_start: str = field(
@@ -518,8 +519,10 @@ class TaxiArguments(EnvArguments):
             raise UsageError(f"--taxi_stage {self.taxi_stage!r} is not one of {', '.join(self.stages)}")
         if self.taxi_horizon <= 0:
             raise UsageError("--taxi_horizon must be positive")
-        if self.taxi_reward not in ("paper", "success", "success_danger"):
-            raise UsageError(f"--taxi_reward {self.taxi_reward!r} is not one of paper, success, success_danger")
+        from envs.taxi import REWARDS
+
+        if self.taxi_reward not in REWARDS:
+            raise UsageError(f"--taxi_reward {self.taxi_reward!r} is not one of {', '.join(REWARDS)}")
 
     @property
     def stage(self) -> str:

@@ -11,7 +11,11 @@ deterministic). Changes, as in the paper:
   +1 (20/20) the first time the passenger boards (stages ``pickup`` and ``full``).
 - **Horizon** 15 steps, then ``truncated``.
 - ``reward="success"`` (not in the paper) pays 1 for finishing the stage and 0 otherwise;
-  ``reward="success_danger"`` also keeps the paper's -0.5 for the danger rule (no cost per step).
+  ``reward="success_danger"`` also keeps the paper's -0.5 for the danger rule (no cost per step);
+  ``reward="progress"`` is ``success`` plus 0.1 for each step of the oracle's distance to the goal
+  that a move gains (minus 0.1 for each it loses; a crash gains nothing and ends the episode): a dense
+  signal, potential-based shaping (Ng et al. 1999) in the undiscounted sum, which over an episode is
+  0.1 times the distance covered, so it cannot pay more than finishing.
 - **Stages** (curriculum): ``pickup`` ends with success on the first pick-up; ``dropoff`` starts
   with the passenger already in the taxi, at the spot where it was picked up (what the original's
   oracle replay produced), and succeeds on delivery; ``full`` succeeds on delivery. With
@@ -32,7 +36,8 @@ from envs.base import Observation, TextEnv
 
 ACTIONS = ["move south", "move north", "move east", "move west", "pick up passenger", "drop off passenger"]
 STAGES = ("pickup", "dropoff", "full")
-REWARDS = ("paper", "success", "success_danger")
+REWARDS = ("paper", "success", "success_danger", "progress")
+PROGRESS_REWARD = 0.1  # per step of the distance to the goal gained (reward="progress")
 DROPOFF_STARTS = ("pickup", "anywhere")
 IN_TAXI = 4
 REWARD_SCALE = 20.0
@@ -242,6 +247,12 @@ class TaxiEnv(TextEnv):
             # Finishing pays 1 and the danger rule still costs the paper's -0.5, with no cost per step:
             # a policy that cannot finish yet learns to stay alive (and so finds the goal more often).
             reward = 1.0 if success else DANGER_REWARD if terminated else 0.0
+        elif self.reward_mode == "progress":
+            # Every move is scored, not only the rare finished episode; looping gains nothing. No crash cost:
+            # with one, RL first learned to stay alive, turned deterministic and looped.
+            dist = goal_distances(stage_goal(self.stage, prev))
+            gained = 0.0 if invalid else dist[prev] - (0.0 if success else dist[next_state])
+            reward = (1.0 if success else 0.0) + PROGRESS_REWARD * float(gained)
         self.state = next_state
         truncated = not terminated and self.steps >= self.horizon
         self.done = terminated or truncated

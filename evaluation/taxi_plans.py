@@ -137,8 +137,8 @@ def stage_observations(env: TaxiEnv, states: list[int]) -> list[Observation]:
 
 @cli
 def main(argv: list[str] | None = None) -> dict:
-    from training.models import load_model, load_tokenizer
-    from training.players import run_model_args
+    from training.models import load_model
+    from training.players import run_model_args, run_tokenizer
     from training.rollout import Reflector
 
     args, taxi_args = parse_args((PlanCheckArguments, TaxiArguments), argv)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_args = run_model_args(args.reflector_path, "--reflector_path")
     model = load_model(model_args, adapter_path=args.reflector_path, trainable=False)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.cache_dir)
+    tokenizer = run_tokenizer(args.reflector_path, model_args)
     reflector = Reflector(model, tokenizer, None, args.reflection_max_tokens, temperature=0)
 
     def reflect(observations: list[Observation]) -> list[str]:
@@ -186,14 +186,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _policy_reading(args, env: TaxiEnv, reflect: Callable[[list[Observation]], list[str]]) -> dict:
-    from training.models import load_model, load_tokenizer
-    from training.players import run_model_args
+    from training.models import load_model
+    from training.players import run_model_args, run_tokenizer
     from training.rollout import LMPolicy
 
     model_args = run_model_args(args.policy_path, "--policy_path")
     model = load_model(model_args, adapter_path=args.policy_path, trainable=False)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    policy = LMPolicy(model, load_tokenizer(model_args.model_name_or_path, model_args.cache_dir))
+    policy = LMPolicy(model, run_tokenizer(args.policy_path, model_args))
 
     @torch.no_grad()
     def score(prompts: list[str], n_actions: list[int]) -> torch.Tensor:

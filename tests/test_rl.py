@@ -604,3 +604,24 @@ def test_taxi_plans_measures_how_a_policy_acts_on_the_plan(sft_runs, tmp_path, m
         assert 0 < reading[key] < 1
     assert reading["swap_shift"] == pytest.approx(reading["swapped_follow"] - reading["unswapped"])
     assert "swap shift" in capsys.readouterr().out
+
+
+def test_a_full_fine_tune_from_a_relative_base_loads_from_anywhere(sft_runs, tiny_model_dir, tmp_path, monkeypatch):
+    """training.sft records --model_name_or_path as given; a full fine-tune must not need it again (the demo's
+    policies start from "runs/demo/sft_reflector", and RL or evaluation may run from another folder)."""
+    import shutil
+
+    from training.players import load_players
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir, work / "base")
+    monkeypatch.chdir(work)
+    sft.main(
+        ["--role", "policy", "--data_dir", str(sft_runs["policy"].parent / "data"), "--output_dir", "run"]
+        + ["--model_name_or_path", "base", "--use_peft", "false", "--max_steps", "1", "--report_to", "none"]
+        + ["--max_eval_samples", "0", "--per_device_train_batch_size", "2"]
+    )
+    monkeypatch.chdir(tmp_path)
+    players = load_players(str(work / "run"), str(sft_runs["reflector"]), with_reference=False)
+    assert players.policy_adapter is None and players.tokenizer.padding_side == "left"
+    assert players.tokenizer("move north")["input_ids"]  # the run's saved tokenizer, not the unreachable base's

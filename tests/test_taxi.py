@@ -13,6 +13,7 @@ from envs.taxi import (
     IN_TAXI,
     LOCS,
     TaxiEnv,
+    action_values,
     decode,
     encode,
     goal_distances,
@@ -226,3 +227,26 @@ def test_success_danger_reward_keeps_only_the_crash_cost():
     start(env, encode(*LOCS[0], 0, 1))
     _, reward, terminated, _, info = env.step(PICKUP)
     assert (reward, terminated, info["success"]) == (1.0, True, True)
+
+
+def test_progress_reward_scores_each_move_by_the_distance_it_gains():
+    env = TaxiEnv(stage="dropoff", reward="progress", dropoff_start="anywhere")
+    state = encode(2, 2, IN_TAXI, 0)  # the destination is R at (0, 0)
+    start(env, state)
+    dist = env.distance_to_goal()
+    closer = env.oracle_action()
+    farther = next(a for a in range(4) if action_values(state, "dropoff")[a] == dist + 1)
+    assert env.step(closer)[1] == pytest.approx(0.1)
+    start(env, state)
+    assert env.step(farther)[1] == pytest.approx(-0.1)
+    start(env, encode(0, 1, IN_TAXI, 0))
+    _, reward, terminated, _, _ = env.step(EAST)  # a wall bump gains nothing and ends the episode
+    assert (reward, terminated) == (0.0, True)
+    # Finishing pays 1 plus the distance covered: an oracle episode sums to 1 + 0.1 x its length.
+    for seed in range(20):
+        env.reset(seed=seed)
+        length, total = env.distance_to_goal(), 0.0
+        while not env.done:
+            _, reward, _, _, info = env.step(env.oracle_action())
+            total += reward
+        assert info["success"] and total == pytest.approx(1 + 0.1 * length)

@@ -307,11 +307,14 @@ def load_model(
     from peft import PeftModel, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
-    path = resolve_model_path(args.model_name_or_path, args.cache_dir)
     if adapter_path is not None and not os.path.isdir(adapter_path):
         raise UsageError(f"adapter folder {adapter_path!r} does not exist")
+    # A full fine-tune is its own model: its base need not be reachable (a run folder copied elsewhere,
+    # or a base given as a path relative to another working directory).
     if adapter_path is not None and not args.use_peft:
         path = adapter_path
+    else:
+        path = resolve_model_path(args.model_name_or_path, args.cache_dir)
     model = _load_base(args, path, trainable, activation_checkpointing)
     if args.use_peft and adapter_path is not None:
         model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)

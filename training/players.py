@@ -32,6 +32,13 @@ def run_model_args(run_dir: str, flag: str) -> ModelArguments:
     raise UsageError(f"{flag} {run_dir} has no config.yaml; pass a folder written by training.sft")
 
 
+def run_tokenizer(run_dir: str, model_args: ModelArguments):
+    """The tokenizer training.sft saved with the run (so a copied run folder or a base given by a relative
+    path still loads), else its base model's."""
+    saved = (Path(run_dir) / "tokenizer_config.json").exists()
+    return load_tokenizer(run_dir if saved else model_args.model_name_or_path, model_args.cache_dir)
+
+
 def is_adapter(run_dir: str) -> bool:
     return (Path(run_dir) / "adapter_config.json").exists()
 
@@ -63,7 +70,7 @@ def load_players(policy_path: str, reflector_path: str = "", with_reference: boo
     """The policy (trainable unless told otherwise), the frozen reflector (if a path is given) and
     the frozen reference copy of the SFT policy (for the KL term)."""
     policy_args = run_model_args(policy_path, "--policy_path")
-    tokenizer = load_tokenizer(policy_args.model_name_or_path, policy_args.cache_dir)
+    tokenizer = run_tokenizer(policy_path, policy_args)
     reflector_args = run_model_args(reflector_path, "--reflector_path") if reflector_path else None
     shared = (
         reflector_args is not None
