@@ -544,9 +544,13 @@ class TaxiArguments(EnvArguments):
 
 
 # The offline default repositories of AutoExplore: source trees of pure-Python packages this project's
-# environment installs (dependencies of transformers, datasets, torch and the test tools). Those missing
-# from an environment are skipped.
-AUTO_EXPLORE_PACKAGES = ("tqdm", "packaging", "fsspec", "urllib3", "click", "jinja2", "requests", "idna", "dill")
+# environment installs (its own dependencies and theirs). Those missing from an environment are skipped.
+# accelerate, gymnasium and peft have sub-packages, so answers two cds deep (the paper's depth 2) exist:
+# 9, 55 and 147 of their tasks; the other nine have 2 among them.
+AUTO_EXPLORE_PACKAGES = (
+    "tqdm", "packaging", "fsspec", "urllib3", "click", "jinja2", "requests", "idna", "dill",
+    "accelerate", "gymnasium", "peft",
+)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
@@ -680,6 +684,69 @@ def env_arguments(name: str) -> type[EnvArguments]:
 
 
 @dataclass
+class BackendArguments:
+    """Which language model answers the in-context methods: a local HF model or an OpenAI-compatible API."""
+
+    backend: str = field(
+        default="local", metadata={"help": "local (an HF model here) or openai (any compatible API)."}
+    )
+    model: str = field(
+        default="tiny-gpt2",
+        metadata={
+            "help": "local: a built-in name (tiny-gpt2, smollm2-135m) or an HF folder; openai: the API's model name "
+            "(pin a dated one)."
+        },
+    )
+    adapter: str = field(
+        default="", metadata={"help": "local: a LoRA adapter folder (or a whole fine-tuned model folder)."}
+    )
+    api_base: str = field(
+        default="",
+        metadata={"help": "openai: base URL of the server, e.g. http://127.0.0.1:8000/v1 (default OpenAI)."},
+    )
+    api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "openai: environment variable holding the key (never written)."}
+    )
+    cache_dir: str = field(
+        default="",
+        metadata={
+            "help": "openai: response cache folder; default $REFLECT_RL_CACHE/api_responses "
+            "(~/.cache/reflect_rl/api_responses); 'none' turns caching off."
+        },
+    )
+    concurrency: int = field(default=8, metadata={"help": "openai: requests in flight at once."})
+    timeout: float = field(default=60.0, metadata={"help": "openai: seconds before one request times out."})
+    max_retries: int = field(default=6, metadata={"help": "openai: retries on 429/5xx/timeouts, with backoff."})
+    price_per_1k_prompt: float = field(default=0.0, metadata={"help": "openai: USD per 1k prompt tokens (cost)."})
+    price_per_1k_completion: float = field(
+        default=0.0, metadata={"help": "openai: USD per 1k completion tokens (cost)."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "local: prompts decoded together."})
+    dtype: str = field(default="float32", metadata={"help": "local: float32, bfloat16, float16 or auto."})
+    device: str = field(default="auto", metadata={"help": "local: auto (cuda if available), cpu, cuda, cuda:1..."})
+
+    def __post_init__(self):
+        if self.backend not in ("local", "openai"):
+            raise UsageError(f"--backend {self.backend!r} is not one of local, openai")
+        if not self.model:
+            raise UsageError("--model is empty; name a local model or the API's model")
+        if self.backend == "openai" and self.adapter:
+            raise UsageError("--adapter is for --backend local; serve the adapter with evaluation.serve instead")
+        if self.concurrency < 1:
+            raise UsageError("--concurrency must be >= 1")
+        if self.max_retries < 0:
+            raise UsageError("--max_retries must be >= 0")
+        if self.timeout <= 0:
+            raise UsageError("--timeout must be positive")
+        if self.price_per_1k_prompt < 0 or self.price_per_1k_completion < 0:
+            raise UsageError("--price_per_1k_prompt and --price_per_1k_completion must be >= 0")
+        if self.batch_size < 1:
+            raise UsageError("--batch_size must be >= 1")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UsageError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+
+
+@dataclass
 class ReflectorAPIArguments:
     """An OpenAI-compatible chat model that writes reflections (data generation)."""
 
@@ -700,12 +767,15 @@ class ReflectorAPIArguments:
     reflector_cache_dir: str = field(
         default="", metadata={"help": "On-disk response cache; default <output_dir>/../.reflection_cache."}
     )
+    reflector_concurrency: int = field(default=8, metadata={"help": "Reflection requests in flight at once."})
 
     def __post_init__(self):
         if self.reflector not in ("rule", "api"):
             raise UsageError(f"--reflector {self.reflector!r} is not one of rule, api")
         if self.reflector_max_retries < 0:
             raise UsageError("--reflector_max_retries must be >= 0")
+        if self.reflector_concurrency < 1:
+            raise UsageError("--reflector_concurrency must be >= 1")
 
 
 @dataclass

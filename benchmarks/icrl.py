@@ -1,6 +1,6 @@
 """Approximate ICRL: prompt tokens prefilled per step with the local backend's prefix KV reuse vs without.
 
-``evaluation.backends.LocalBackend`` counts what it does: ``usage.prompt_tokens`` (every prompt's tokens),
+``llm.local.LocalBackend`` counts what it does: ``usage.prompt_tokens`` (every prompt's tokens),
 ``prefix_tokens_reused`` (prompt tokens whose keys and values came from a prefix cache) and
 ``prefix_tokens_computed`` (tokens run to build prefix caches). The tokens actually prefilled are
 
@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 from benchmarks.common import Figure, log, synchronize
-from evaluation.backends import BackendArguments, LocalBackend
 from evaluation.icrl.run import ICRLArguments
 from evaluation.icrl.run import run as run_icrl
+from experiment_args import BackendArguments
+from llm.local import LocalBackend
 
 TEMPLATES = {  # TREC code -> question template
     "NUM:date": "When did the {noun} of {place} {verb} ?",

@@ -1,88 +1,83 @@
-"""Reflection writers for SFT data: a chat model behind any OpenAI-compatible API.
+"""Reflections for SFT data from a chat model behind any OpenAI-compatible API, through the shared ``llm`` layer.
 
-The API reflector caches every response on disk, keyed by the full request, so a re-run (or a run
-resumed after a crash) costs nothing, and retries rate limits, server errors and timeouts with
-exponential backoff and jitter (the openai client's own retries are off, so the count is ours).
-The API key is read from an environment variable and never written anywhere.
+An environment's episode generator does not wait for the API: its ``reflect`` callback returns a
+:class:`PendingReflection` (the chat messages), and :meth:`APIReflections.fill` then sends every pending request
+of a split at once, ``--reflector_concurrency`` at a time, and writes the answers in. Trajectories never
+depend on a reflection's text, so this gives the data a one-request-at-a-time run gives. Each request carries a
+seed derived from (data seed, split, episode, step): servers that honour seeds answer it reproducibly, and a
+seeded request is cached on disk (keyed by the full request), so a re-run or a run resumed after a crash costs
+nothing. Retries, backoff and keeping the key out of errors and files are :class:`llm.openai_api.OpenAIBackend`'s.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import random
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from experiment_args import ReflectorAPIArguments, UsageError, atomic_write_text
+from tqdm import tqdm
+
+from experiment_args import ReflectorAPIArguments
 
 
-class APIReflector:
-    """``reflect(messages) -> str`` through ``chat.completions`` with a disk cache."""
+@dataclass(frozen=True)
+class PendingReflection:
+    """A reflection still to be asked for: the chat messages of its request."""
 
-    def __init__(self, args: ReflectorAPIArguments, cache_dir: str | Path):
-        import openai
+    messages: list[dict]
 
-        self.args = args
-        self.cache_dir = Path(cache_dir)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        # Local servers (vLLM, llama.cpp, our evaluation.serve) accept any key; OpenAI needs a real one.
-        key = os.environ.get(args.reflector_api_key_env) or ("EMPTY" if args.reflector_api_base else None)
-        if key is None:
-            raise UsageError(
-                f"the API reflector needs a key in ${args.reflector_api_key_env}; set it, or pass "
-                "--reflector_api_base for a local server, or --reflector rule"
-            )
-        self.client = openai.OpenAI(
-            api_key=key,
+
+class APIReflections:
+    """The ``--reflector api`` side of one data set: ``pending(messages)`` for an episode's steps, then
+    ``fill(split, episodes)`` before they are written, and ``stats()`` (request and token counts) at the end."""
+
+    def __init__(self, args: ReflectorAPIArguments, cache_dir: str | Path, data_seed: int):
+        from llm.openai_api import OpenAIBackend
+
+        self.args, self.data_seed = args, data_seed
+        self.backend = OpenAIBackend(
+            args.reflector_model,
             base_url=args.reflector_api_base or None,
+            api_key_env=args.reflector_api_key_env,
             timeout=args.reflector_timeout,
-            max_retries=0,
+            max_retries=args.reflector_max_retries,
+            concurrency=args.reflector_concurrency,
+            cache_dir=cache_dir,
+            flag_prefix="reflector_",
         )
-        self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
-    def _key(self, request: dict) -> str:
-        return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    @staticmethod
+    def pending(messages: list[dict]) -> PendingReflection:
+        return PendingReflection(messages)
 
-    def reflect(self, messages: list[dict]) -> str:
-        request = {
-            "model": self.args.reflector_model,
-            "messages": messages,
-            "temperature": self.args.reflector_temperature,
-            "max_tokens": self.args.reflector_max_tokens,
-        }
-        path = self.cache_dir / f"{self._key(request)}.json"
-        if path.exists():
-            self.stats["cache_hits"] += 1
-            return json.loads(path.read_text())["content"]
-        content = self._request_with_retries(request)
-        atomic_write_text(path, json.dumps({"request": request, "content": content}))
-        return content
+    def fill(self, split: str, episodes: list[list[dict]]) -> None:
+        """Replace every :class:`PendingReflection` in ``episodes`` (lists of step dicts) by the API's answer,
+        in place, sending the requests concurrently in chunks (one progress bar tick a chunk)."""
+        pending = [
+            (i, j)
+            for i, steps in enumerate(episodes)
+            for j, step in enumerate(steps)
+            if isinstance(step["reflection"], PendingReflection)
+        ]
+        chunk = 4 * self.args.reflector_concurrency
+        with tqdm(total=len(pending), desc=f"{split} reflections", unit="req", disable=not pending) as bar:
+            for start in range(0, len(pending), chunk):
+                part = pending[start : start + chunk]
+                answers = self.backend.generate(
+                    [episodes[i][j]["reflection"].messages for i, j in part],
+                    max_tokens=self.args.reflector_max_tokens,
+                    temperature=self.args.reflector_temperature,
+                    seed=[request_seed(self.data_seed, split, i, j) for i, j in part],
+                )
+                for (i, j), answer in zip(part, answers):
+                    episodes[i][j]["reflection"] = answer.text.strip()
+                bar.update(len(part))
 
-    def _request_with_retries(self, request: dict) -> str:
-        import openai
+    def stats(self) -> dict:
+        return self.backend.usage.to_dict()
 
-        retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
-        for attempt in range(self.args.reflector_max_retries + 1):
-            try:
-                self.stats["requests"] += 1
-                response = self.client.chat.completions.create(**request)
-                if response.usage is not None:
-                    self.stats["prompt_tokens"] += response.usage.prompt_tokens or 0
-                    self.stats["completion_tokens"] += response.usage.completion_tokens or 0
-                return (response.choices[0].message.content or "").strip()
-            except retryable as err:  # APITimeoutError is an APIConnectionError
-                if attempt == self.args.reflector_max_retries:
-                    raise UsageError(
-                        f"the reflector API failed {attempt + 1} times ({type(err).__name__}: {err}); "
-                        "check --reflector_api_base and --reflector_model, or raise --reflector_max_retries"
-                    ) from None
-                self.stats["retries"] += 1
-                time.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
-            except openai.APIStatusError as err:  # 4xx other than 429: retrying will not help
-                raise UsageError(
-                    f"the reflector API refused the request ({err.status_code}: {err.message}); "
-                    "check --reflector_model and the key in --reflector_api_key_env"
-                ) from None
-        raise AssertionError("unreachable")
+
+def request_seed(data_seed: int, split: str, episode: int, step: int) -> int:
+    """A stable 31-bit seed for one reflection request (the same in every run of the same data)."""
+    digest = hashlib.sha256(f"{data_seed}:{split}:{episode}:{step}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF

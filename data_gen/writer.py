@@ -81,7 +81,10 @@ def begin_dataset(data_args, env_args, api_args) -> tuple[Path, dict, bool]:
         "env": env_args.name,
         **resolved_config(data_args, env_args, api_args, ignore=("overwrite_output_dir",)),
     }
-    done = check_output_dir(output_dir, config, overwrite=data_args.overwrite_output_dir)
+    # how many requests run at once does not change the data
+    done = check_output_dir(
+        output_dir, config, overwrite=data_args.overwrite_output_dir, compare_ignore=("reflector_concurrency",)
+    )
     if done:
         print(f"{output_dir} already holds this data set; nothing to do")
     return output_dir, config, done
@@ -94,10 +97,12 @@ def write_dataset(
     episode: Callable[[str, int], list[dict]],
     desc: str,
     stats: dict | None = None,
-    api_client=None,
+    api_reflections=None,
 ) -> Path:
     """Write ``splits`` (split -> number of episodes; ``episode(split, i)`` gives episode ``i``'s steps)
-    to ``output_dir`` atomically. ``stats`` start stats.json; an API reflector's counters end it."""
+    to ``output_dir`` atomically. ``stats`` start stats.json. With ``api_reflections``
+    (:class:`data_gen.reflectors.APIReflections`) a split's pending reflections are asked for together once
+    its episodes are generated, and the API's counters end stats.json."""
     output_dir = Path(output_dir)
     parent = output_dir.parent if output_dir.parent.exists() else None
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{output_dir.name}."))
@@ -107,16 +112,18 @@ def write_dataset(
         for split, n in splits.items():
             records: dict[str, list[dict]] = {name: [] for name in FILES}
             kinds: Counter = Counter()
-            for i in tqdm(range(n), desc=f"{desc} {split} episodes", unit="ep"):
-                steps = episode(split, i)
+            episodes = [episode(split, i) for i in tqdm(range(n), desc=f"{desc} {split} episodes", unit="ep")]
+            if api_reflections is not None:
+                api_reflections.fill(split, episodes)
+            for i, steps in enumerate(episodes):
                 widest = max([widest] + [len(s["obs"].actions) for s in steps])
                 kinds.update(s["kind"] for s in steps)
                 for name, rows in to_records(steps, i).items():
                     records[name].extend(rows)
             stats[split] = {"episodes": n, "steps": dict(kinds), "files": write_split(tmp / split, records)}
         stats["action_labels"] = action_labels(min(widest, MAX_LABELS))
-        if api_client is not None:
-            stats["api"] = api_client.stats
+        if api_reflections is not None:
+            stats["api"] = api_reflections.stats()
         atomic_write_text(tmp / "stats.json", json.dumps(stats, indent=2))
         save_config(tmp, config)
         if output_dir.exists():

@@ -3,7 +3,7 @@
     python -m evaluation.serve --model smollm2-135m --port 8000
     python -m evaluation.serve --model tiny-gpt2 --adapter runs/sft_reflector --served_name reflector
 
-Any OpenAI client (``openai``, our :class:`evaluation.backends.OpenAIBackend`, the data generator's API
+Any OpenAI client (``openai``, our :class:`llm.openai_api.OpenAIBackend`, the data generator's API
 reflector) then talks to ``http://127.0.0.1:8000/v1``. Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``,
 ``POST /v1/completions`` (fields ``model``, ``messages`` or ``prompt`` (a str or a list of str), ``max_tokens``,
 ``temperature``, ``top_p``, ``stop``, ``seed``; ``n`` must be 1). Requests run one at a time through a
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
-from evaluation.backends import Backend, Generation
 from experiment_args import UsageError, cli, parse_args
+from llm.base import Backend, Generation
 
 
 @dataclass
@@ -351,7 +351,7 @@ def make_server(
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    from evaluation.backends import LocalBackend
+    from llm.local import LocalBackend
 
     (args,) = parse_args((ServeArguments,), argv)
     backend = LocalBackend(

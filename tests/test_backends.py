@@ -5,16 +5,11 @@ import copy
 import pytest
 import torch
 
-from evaluation.backends import (
-    BackendArguments,
-    LocalBackend,
-    OpenAIBackend,
-    end_of_turn_id,
-    make_backend,
-    parse_choice,
-    render_prompt,
-)
-from experiment_args import UsageError, parse_args
+from experiment_args import BackendArguments, UsageError, parse_args
+from llm import make_backend
+from llm.base import parse_choice
+from llm.local import LocalBackend, end_of_turn_id, render_prompt
+from llm.openai_api import OpenAIBackend
 
 CHOICES = ["card arrival", "card activation", "cash withdrawal", "lost card"]  # two share " card"
 CONTEXT = "".join(

@@ -2,7 +2,8 @@
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import datasets
 import pytest
@@ -189,8 +190,10 @@ def test_different_run_in_output_dir_is_refused(tmp_path, capsys):
 class FakeChatServer:
     """A loopback OpenAI-compatible chat endpoint that answers 429, then 500, then succeeds."""
 
-    def __init__(self, failures=(429, 500)):
+    def __init__(self, failures=(429, 500), delay=0.0):
         self.calls, self.failures = 0, list(failures)
+        self.in_flight, self.most_in_flight, self.lock = 0, 0, threading.Lock()
+        self.seeds = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -199,7 +202,14 @@ class FakeChatServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.calls += 1
+                with outer.lock:
+                    outer.calls += 1
+                    outer.in_flight += 1
+                    outer.most_in_flight = max(outer.most_in_flight, outer.in_flight)
+                    outer.seeds.append(body.get("seed"))
+                time.sleep(delay)
+                with outer.lock:
+                    outer.in_flight -= 1
                 if outer.failures:
                     code = outer.failures.pop(0)
                     self.send_response(code)
@@ -229,7 +239,7 @@ class FakeChatServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -291,6 +301,54 @@ def test_api_reflector_gives_up_with_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "failed 2 times" in err and "--reflector_api_base" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_concurrent_api_reflections_give_the_sequential_data(tmp_path):
+    """All of a split's requests go out together, --reflector_concurrency at a time, each with a seed fixed by
+    (data seed, split, episode, step); the files equal a one-at-a-time run's byte for byte."""
+    server = FakeChatServer(failures=[], delay=0.02)
+    flags = ["--reflector", "api", "--reflector_api_base", server.url, "--reflector_model", "fake-1"]
+    flags += ["--num_episodes", "4", "--num_test_episodes", "1", "--negative_rate", "0.5"]
+    try:
+        for n in ("1", "6"):
+            gen_sft.main(
+                ["--output_dir", str(tmp_path / n), "--reflector_cache_dir", str(tmp_path / f"cache{n}"), *flags]
+                + ["--reflector_concurrency", n]
+            )
+            if n == "1":
+                assert server.most_in_flight == 1
+                sequential_seeds, server.seeds = server.seeds, []
+    finally:
+        server.close()
+    assert server.most_in_flight > 1
+    assert sorted(server.seeds) == sorted(sequential_seeds) and len(set(sequential_seeds)) == len(sequential_seeds)
+    for split in ("train", "test"):
+        for name in ("sft_reflection", "sft_policy", "sft"):
+            one, many = (tmp_path / n / split / f"{name}.jsonl" for n in ("1", "6"))
+            assert one.read_bytes() == many.read_bytes()
+
+
+def test_the_api_key_stays_out_of_errors_data_and_cache(tmp_path, monkeypatch, capsys):
+    key = "sk-data-gen-do-not-leak-91f3"
+    monkeypatch.setenv("DATA_GEN_TEST_KEY", key)
+    flags = ["--reflector", "api", "--reflector_api_key_env", "DATA_GEN_TEST_KEY", "--reflector_model", "fake-1"]
+    flags += ["--num_episodes", "1", "--num_test_episodes", "0", "--reflector_cache_dir", str(tmp_path / "cache")]
+    server = FakeChatServer(failures=[])
+    try:
+        gen_sft.main(["--output_dir", str(tmp_path / "ok"), "--reflector_api_base", server.url, *flags])
+    finally:
+        server.close()
+    refused = FakeChatServer(failures=[401])
+    try:
+        with pytest.raises(SystemExit):
+            gen_sft.main(["--output_dir", str(tmp_path / "refused"), "--reflector_api_base", refused.url, *flags])
+    finally:
+        refused.close()
+    err = capsys.readouterr().err
+    assert "--reflector_model" in err and "401" in err
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and not any(key in p.read_text(errors="replace") for p in written)
+    assert key not in err
 
 
 def test_env_dispatch(tmp_path, capsys):

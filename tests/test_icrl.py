@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import yaml
 
-from evaluation.backends import Backend, BackendArguments, Generation
 from evaluation.icrl import context as ctx
 from evaluation.icrl.prompts import (
     ICL_SYSTEM_PROMPT,
@@ -29,7 +28,8 @@ from evaluation.icrl.prompts import (
 )
 from evaluation.icrl.run import ICRLArguments, load_progress, run, steps_to_test
 from evaluation.icrl.tasks import Task, load_full, load_task, split_80_20, subsample
-from experiment_args import UsageError
+from experiment_args import BackendArguments, UsageError
+from llm.base import Backend, Generation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -10,8 +10,10 @@ import openai
 import pytest
 
 from evaluation import serve
-from evaluation.backends import BackendError, LocalBackend, OpenAIBackend
 from evaluation.serve import Faults, main, make_server
+from llm.base import BackendError
+from llm.local import LocalBackend
+from llm.openai_api import OpenAIBackend
 
 KEY = "sk-test-do-not-leak-7c1d9e"
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Query: my card is lost"}]

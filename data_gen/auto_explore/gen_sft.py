@@ -21,7 +21,7 @@ import random
 from pathlib import Path
 
 from data_gen.auto_explore.reflection import api_messages, rule_reflection
-from data_gen.reflectors import APIReflector
+from data_gen.reflectors import APIReflections
 from data_gen.writer import begin_dataset, write_dataset
 from envs.auto_explore import AutoExploreEnv
 from experiment_args import (
@@ -77,12 +77,14 @@ def run_episode(env: AutoExploreEnv, seed: int, rng: random.Random, args: DataGe
     return steps
 
 
-def make_reflect(api_args: ReflectorAPIArguments, output_dir: Path):
-    """``reflect(env, obs) -> str`` for the chosen reflector, and the API client (or None)."""
+def make_reflect(api_args: ReflectorAPIArguments, output_dir: Path, data_seed: int):
+    """``reflect(env, obs)`` for the chosen reflector (the rule's text, or the API request to send later), and
+    the :class:`APIReflections` that send them (None for the rule)."""
     if api_args.reflector == "rule":
         return (lambda env, obs: rule_reflection(env)), None
-    client = APIReflector(api_args, Path(api_args.reflector_cache_dir or output_dir.parent / ".reflection_cache"))
-    return (lambda env, obs: client.reflect(api_messages(env, obs.text))), client
+    cache = Path(api_args.reflector_cache_dir or output_dir.parent / ".reflection_cache")
+    api = APIReflections(api_args, cache, data_seed)
+    return (lambda env, obs: api.pending(api_messages(env, obs.text))), api
 
 
 @cli
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> Path:
     if done:
         return output_dir
     envs = {"train": env_args.make_env(split="train"), "test": env_args.make_env(split="test")}
-    reflect, client = make_reflect(api_args, output_dir)
+    reflect, api = make_reflect(api_args, output_dir, data_args.seed)
     rng = random.Random(data_args.seed)
 
     def episode(split: str, i: int) -> list[dict]:
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> Path:
         episode,
         desc="auto_explore",
         stats={"tasks": {split: len(env.tasks) for split, env in envs.items()}},
-        api_client=client,
+        api_reflections=api,
     )
 
 

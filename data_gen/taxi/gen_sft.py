@@ -25,7 +25,7 @@ import copy
 import random
 from pathlib import Path
 
-from data_gen.reflectors import APIReflector
+from data_gen.reflectors import APIReflections
 from data_gen.taxi.reflection import api_messages, rule_reflection
 from data_gen.writer import begin_dataset, write_dataset
 from envs.taxi import TaxiEnv, optimal_actions, transition
@@ -96,17 +96,18 @@ def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArgume
     return steps
 
 
-def make_reflect(env: TaxiEnv, api_args: ReflectorAPIArguments, output_dir: Path):
-    """``reflect(prev_state, action, state, obs) -> str`` for the chosen reflector, and the API client."""
+def make_reflect(env: TaxiEnv, api_args: ReflectorAPIArguments, output_dir: Path, data_seed: int):
+    """``reflect(prev_state, action, state, obs)`` for the chosen reflector (the rule's text, or the API request
+    to send later), and the :class:`APIReflections` that send them (None for the rule)."""
     if api_args.reflector == "rule":
         return (lambda prev, action, state, obs: rule_reflection(env, prev, action, state)), None
     cache = Path(api_args.reflector_cache_dir or output_dir.parent / ".reflection_cache")
-    client = APIReflector(api_args, cache)
+    api = APIReflections(api_args, cache, data_seed)
 
     def reflect(prev, action, state, obs):
-        return client.reflect(api_messages(env, obs.text, state, first_step=prev is None))
+        return api.pending(api_messages(env, obs.text, state, first_step=prev is None))
 
-    return reflect, client
+    return reflect, api
 
 
 @cli
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> Path:
         return output_dir
 
     env = taxi_args.make_env()
-    reflect, client = make_reflect(env, api_args, output_dir)
+    reflect, api = make_reflect(env, api_args, output_dir, data_args.seed)
     rng = random.Random(data_args.seed)
     offsets = {"train": 0, "test": TEST_SEED_OFFSET}
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> Path:
         episode,
         desc="taxi",
         stats={"stage": env.stage},
-        api_client=client,
+        api_reflections=api,
     )
 
 

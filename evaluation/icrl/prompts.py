@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from evaluation.backends import render_prompt
 from evaluation.icrl.tasks import Task
+from llm.local import render_prompt
 
 # The original appends "\n" + the task description, which is empty for every task.
 ICRL_SYSTEM_PROMPT = (

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from evaluation.backends import Backend, BackendArguments, make_backend
 from evaluation.icrl.context import (
     RANDOM_STRATEGIES,
     SAMPLING_METHODS,
@@ -40,6 +39,7 @@ from evaluation.icrl.context import (
 from evaluation.icrl.prompts import build_messages, max_context_examples, shown_feedback
 from evaluation.icrl.tasks import TASKS, Task, load_task
 from experiment_args import (
+    BackendArguments,
     UsageError,
     atomic_write_text,
     check_output_dir,
@@ -48,6 +48,8 @@ from experiment_args import (
     resolved_config,
     save_config,
 )
+from llm import make_backend
+from llm.base import Backend
 
 # Constrained decoding stops at the end of a label, so this is only a cap for a backend that cannot
 # constrain (the longest label of the five tasks is about a dozen tokens).
