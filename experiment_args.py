@@ -924,7 +924,52 @@ def __getattr__(name: str):
 
 
 @dataclass
-class RLArguments:
+class ServedReflectorArguments:
+    """The frozen reflector behind an OpenAI-compatible server, in place of ``--reflector_path`` (RL and
+    evaluation): ``evaluation.serve --adapter SFT_REFLECTOR``, vLLM on other GPUs, or a hosted model."""
+
+    reflector_api_base: str = field(
+        default="",
+        metadata={
+            "help": "Base URL of an OpenAI-compatible server that serves the reflector (e.g. "
+            "http://127.0.0.1:8000/v1 for evaluation.serve), instead of --reflector_path."
+        },
+    )
+    reflector_model: str = field(default="", metadata={"help": "The served reflector's model name."})
+    reflector_api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the server's key (never written)."}
+    )
+    reflector_concurrency: int = field(default=16, metadata={"help": "Reflection requests in flight at once."})
+    reflector_timeout: float = field(default=60.0, metadata={"help": "Seconds before one request times out."})
+    reflector_max_retries: int = field(default=6, metadata={"help": "Retries on 429/5xx/timeouts, with backoff."})
+
+    def check_served_reflector(self, reflector_path: str) -> None:
+        if self.reflector_api_base and reflector_path:
+            raise UsageError("pass --reflector_path or --reflector_api_base, not both")
+        if self.reflector_api_base and not self.reflector_model:
+            raise UsageError("--reflector_api_base needs --reflector_model, the name the server gives the reflector")
+        if self.reflector_concurrency < 1 or self.reflector_max_retries < 0 or self.reflector_timeout <= 0:
+            raise UsageError(
+                "--reflector_concurrency must be >= 1, --reflector_max_retries >= 0, --reflector_timeout > 0"
+            )
+
+    def served_reflector_backend(self):
+        """The OpenAIBackend of ``--reflector_api_base`` (errors name the ``--reflector_*`` flags)."""
+        from llm.openai_api import OpenAIBackend
+
+        return OpenAIBackend(
+            self.reflector_model,
+            base_url=self.reflector_api_base,
+            api_key_env=self.reflector_api_key_env,
+            timeout=self.reflector_timeout,
+            max_retries=self.reflector_max_retries,
+            concurrency=self.reflector_concurrency,
+            flag_prefix="reflector_",
+        )
+
+
+@dataclass
+class RLArguments(ServedReflectorArguments):
     """Online RL of the policy with a frozen reflector (training/rl_finetune.py)."""
 
     output_dir: str = field(
@@ -1024,6 +1069,7 @@ class RLArguments:
             env_arguments(self.env)
         if not self.policy_path:
             raise UsageError("--policy_path is required (an SFT run folder from training.sft)")
+        self.check_served_reflector(self.reflector_path)
         if self.reinforce_baseline not in ("none", "mean", "value"):
             raise UsageError(f"--reinforce_baseline {self.reinforce_baseline!r} is not one of none, mean, value")
         for name in ("iterations", "num_envs", "minibatch_size", "update_epochs", "save_steps", "group_size"):
@@ -1090,7 +1136,7 @@ class PlanCheckArguments:
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(ServedReflectorArguments):
     """Evaluation of a trained policy or a reference agent (evaluation/evaluate.py)."""
 
     output_dir: str = field(default="runs/eval", metadata={"help": "Where summary.json and episodes.jsonl go."})
@@ -1134,6 +1180,7 @@ class EvalArguments:
             raise UsageError(f"--agent {self.agent!r} is not one of model, random, oracle")
         if self.agent == "model" and not self.run_dir:
             raise UsageError("--run_dir is required with --agent model (an RL or SFT run folder)")
+        self.check_served_reflector(self.reflector_path)
         if self.env:
             env_arguments(self.env)
         if self.split not in SPLITS:

@@ -36,7 +36,16 @@ from experiment_args import (
     parse_with_env,
 )
 from training.players import load_players
-from training.rollout import LMPolicy, OracleAgent, RandomAgent, Reflector, episode_stats, prompts_cut, rollout
+from training.rollout import (
+    LMPolicy,
+    OracleAgent,
+    RandomAgent,
+    Reflector,
+    ServedReflector,
+    episode_stats,
+    prompts_cut,
+    rollout,
+)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -90,6 +99,8 @@ def load_agent(args: EvalArguments):
         if checkpoint is None:
             raise UsageError(f"--run_dir {run} has no checkpoint-N folder yet")
         policy_path, reflector_path = config["policy_path"], config.get("reflector_path", "")
+        if not args.reflector_api_base and config.get("reflector_api_base"):  # the run's served reflector
+            args.reflector_api_base, args.reflector_model = config["reflector_api_base"], config["reflector_model"]
     else:
         policy_path, reflector_path = str(run), args.reflector_path
     players = load_players(policy_path, reflector_path, with_reference=False, trainable=False)
@@ -108,10 +119,14 @@ def load_agent(args: EvalArguments):
             args.reflection_max_tokens,
             args.reflection_temperature,
         )
+    elif args.reflector_api_base:
+        reflector = ServedReflector(
+            args.served_reflector_backend(), args.reflection_max_tokens, args.reflection_temperature
+        )
     meta = {
         "reflection": reflector is not None,
         "policy_path": policy_path,
-        "reflector_path": reflector_path,
+        "reflector_path": reflector_path or args.reflector_api_base,
         "checkpoint": str(checkpoint) if checkpoint else None,
     }
     return policy, reflector, meta

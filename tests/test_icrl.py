@@ -155,6 +155,34 @@ def test_nlu_release_csv_is_resplit_80_20(tmp_path):
     assert dict(train)["utterance 1"] == 2
 
 
+def test_nlu_cross_validation_layout_keeps_its_split_and_names_a_bad_line(tmp_path):
+    header = "answerid;scenario;intent;answer_annotation;answer_from_anno;answer_from_user"
+    for split, rows in {
+        "train": {"alarm_set": ["wake me at [time : six]", "set an alarm"], "iot_hue_lightoff": ["lights off"]},
+        "test": {"alarm_set": ["alarm for seven"], "iot_hue_lightoff": ["turn the lights off"]},
+    }.items():
+        (tmp_path / split).mkdir()
+        for intent, texts in rows.items():
+            scenario, name = intent.split("_", 1)
+            lines = [header] + [f'{i};{scenario};{name};"a";"anno {t}";"{t}"' for i, t in enumerate(texts)]
+            (tmp_path / split / f"{intent}.csv").write_text("\n".join(lines) + "\n")
+    labels, train, test = load_full("nlu", str(tmp_path))
+    assert labels == ["alarm set", "iot hue lightoff"]
+    assert sorted(train) == [("lights off", 1), ("set an alarm", 0), ("wake me at [time : six]", 0)]
+    assert sorted(test) == [("alarm for seven", 0), ("turn the lights off", 1)]  # the release's own split
+    with open(tmp_path / "test" / "alarm_set.csv", "a") as f:
+        f.write("9;alarm;set;too;few\n")
+    with pytest.raises(UsageError, match=r"alarm_set.csv line 3 does not have the header's 6"):
+        load_full("nlu", str(tmp_path))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.csv").write_text("x;y\n1;2\n")
+    with pytest.raises(UsageError, match="needs the ';'-separated columns scenario, intent"):
+        load_full("nlu", str(tmp_path / "other"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="cross-validation release"):  # an unknown layout lists the expected ones
+        load_full("nlu", str(tmp_path / "empty"))
+
+
 def test_split_80_20_matches_datasets_train_test_split():
     datasets = pytest.importorskip("datasets")
     split = datasets.Dataset.from_dict({"i": list(range(37))}).train_test_split(test_size=0.2, seed=0)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -625,3 +626,49 @@ def test_a_full_fine_tune_from_a_relative_base_loads_from_anywhere(sft_runs, tin
     players = load_players(str(work / "run"), str(sft_runs["reflector"]), with_reference=False)
     assert players.policy_adapter is None and players.tokenizer.padding_side == "left"
     assert players.tokenizer("move north")["input_ids"]  # the run's saved tokenizer, not the unreachable base's
+
+
+def test_a_served_reflector_gives_the_local_reflectors_run(sft_runs, tmp_path):
+    """--reflector_api_base: the SFT reflector behind evaluation.serve, a third of its requests failing (429 or
+    500) and retried; greedy, the run's metrics and reflections equal the in-process reflector's."""
+    import threading
+
+    from evaluation.serve import Faults, make_server
+    from llm.local import LocalBackend
+
+    server = make_server(
+        LocalBackend("tiny-gpt2", adapter=str(sft_runs["reflector"]), batch_size=8),
+        served_name="reflector",
+        faults=Faults(rate_429=0.2, rate_500=0.1, seed=1),
+    )
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    flags = ["--iterations", "2", "--reflection_temperature", "0", "--kl_coef", "0", "--seed", "3"]
+    try:
+        local = rl(tmp_path / "local", sft_runs, *flags)
+        served = rl(
+            tmp_path / "served",
+            sft_runs,
+            *flags,
+            "--reflector_api_base",
+            server.url,
+            "--reflector_model",
+            "reflector",
+            reflect=False,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    draws = random.Random(1)  # the server's fault draws, one a request: below 0.3 it failed
+    assert sum(draws.random() < 0.3 for _ in range(server.requests)) > 0
+    for a, b in zip(local, served):
+        keys = [k for k in a if not k.startswith("timing/") and k != "env/steps_per_s"]
+        assert {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, nan_ok=True)
+
+    def reflections(run):
+        return [s["reflection"] for line in open(run / "episodes.jsonl") for s in json.loads(line)["steps"]]
+
+    assert reflections(tmp_path / "served") == reflections(tmp_path / "local") and reflections(tmp_path / "local")[0]
+    with pytest.raises(SystemExit):
+        rl(tmp_path / "both", sft_runs, "--reflector_api_base", server.url, "--reflector_model", "reflector")

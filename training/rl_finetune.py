@@ -45,7 +45,16 @@ from experiment_args import (
     save_config,
 )
 from training.players import load_players
-from training.rollout import Episode, LMPolicy, Reflector, Step, episode_stats, prompts_cut, rollout
+from training.rollout import (
+    Episode,
+    LMPolicy,
+    Reflector,
+    ServedReflector,
+    Step,
+    episode_stats,
+    prompts_cut,
+    rollout,
+)
 
 # Settings a resumed run may change: its length (extend a run with a larger --iterations; a curriculum's
 # stage boundaries move with it), how often it checkpoints and logs episodes, and where it lives (a run
@@ -499,17 +508,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if players.reference_model is not None
         else None
     )
-    reflector = (
-        Reflector(
+    reflector = None
+    if players.reflector_model is not None:
+        reflector = Reflector(
             players.reflector_model,
             players.tokenizer,
             players.reflector_adapter,
             args.reflection_max_tokens,
             args.reflection_temperature,
         )
-        if players.reflector_model is not None
-        else None
-    )
+    elif args.reflector_api_base:
+        reflector = ServedReflector(
+            args.served_reflector_backend(), args.reflection_max_tokens, args.reflection_temperature
+        )
     params = [p for p in players.policy_model.parameters() if p.requires_grad]
     if value_head is not None:
         params += list(value_head.parameters())

@@ -226,6 +226,10 @@ class LMPolicy:
         return Decision(actions, chosen, entropy.float().cpu().tolist(), vals, probs)
 
 
+# A reflection ends where the policy prompt's next section would begin.
+STOP_STRINGS = ("\n\n#", "# Action")
+
+
 class Reflector:
     """The frozen reflection model: writes the text after ``# Analyze:``, up to EOS or a token cap.
 
@@ -271,10 +275,33 @@ class Reflector:
                 self.max_new_tokens,
                 self.temperature or 1.0,
                 greedy=self.greedy,
-                stop_strings=["\n\n#", "# Action"],
+                stop_strings=list(STOP_STRINGS),
                 counts=self.prompt_counts,
             )
         return [t.strip() for t in texts]
+
+
+class ServedReflector(Reflector):
+    """The frozen reflector behind an OpenAI-compatible server (``--reflector_api_base``): the same prompts,
+    token cap, temperature, stop strings and greedy memo as :class:`Reflector`, one lockstep step's requests
+    sent concurrently by ``backend`` (an :class:`llm.openai_api.OpenAIBackend`). Sampled requests carry seeds
+    drawn from the global generator (which RL checkpoints), so a server that honours seeds answers a resumed
+    run as the uninterrupted one. Greedy, it gives what the same model gives locally."""
+
+    def __init__(self, backend, max_new_tokens: int = 48, temperature=1.0):
+        super().__init__(None, None, None, max_new_tokens, temperature)
+        self.backend = backend
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        seeds = None if self.greedy else torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        answers = self.backend.generate(
+            prompts,
+            max_tokens=max(1, self.max_new_tokens),
+            temperature=self.temperature,
+            stop=list(STOP_STRINGS),
+            seed=seeds,
+        )
+        return [a.text.strip() for a in answers]
 
 
 class RandomAgent:

@@ -10,7 +10,10 @@ Data come either from local files in their original release formats (``--data_di
     clinic150     data_full.json (train/test lists of [text, intent]; out-of-scope "oos" is dropped)
     trec_coarse   train_5500.label, TREC_10.label (one "COARSE:fine question" a line, ISO-8859-1)
     trec_fine     the same files, 50 fine classes
-    nlu           the NLU-Evaluation-Data CSV (";"-separated, columns scenario, intent, answer, ...)
+    nlu           the NLU-Evaluation-Data CSV (";"-separated, columns scenario, intent, answer, ...), re-split
+                  80/20 as the original; or its cross-validation release, train/ and test/ folders of one
+                  ";"-separated CSV per intent (columns answerid, scenario, intent, answer_annotation,
+                  answer_from_anno, answer_from_user), whose own train/test split is used
 
 or, without ``--data_dir``, from the Hugging Face hub (the data sets the original code loads). Each
 split is then shuffled with its seed (Python's ``random``, as the original) and its first k kept.
@@ -223,32 +226,61 @@ def split_80_20(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return permutation[n_test:], permutation[:n_test]
 
 
-def _nlu_csv(data_dir: Path) -> Path:
-    if data_dir.is_file():
-        return data_dir
-    named = data_dir / "NLU-Data-Home-Domain-Annotated-All.csv"
-    if named.is_file():
-        return named
-    found = sorted(data_dir.glob("*.csv"))
-    if len(found) != 1:
-        raise UsageError(
-            f"--data_dir: nlu needs NLU-Data-Home-Domain-Annotated-All.csv (or one .csv file) in {data_dir}"
-        )
-    return found[0]
+NLU_CSV = "NLU-Data-Home-Domain-Annotated-All.csv"
+NLU_TEXT_COLUMNS = ("answer", "answer_normalised", "answer_from_user", "answer_from_anno")  # first non-empty wins
+
+
+def _nlu_rows(path: Path) -> list[tuple[str, str]]:
+    """(text, readable "scenario intent") of each row of one ';'-separated NLU file (rows without a text,
+    scenario or intent are skipped). A row with too few or too many fields is a UsageError naming the file
+    and line."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=";", skipinitialspace=True)
+        columns = set(reader.fieldnames or ())
+        if not {"scenario", "intent"} <= columns or not columns & set(NLU_TEXT_COLUMNS):
+            raise UsageError(
+                f"--data_dir: {path} needs the ';'-separated columns scenario, intent and one of "
+                f"{', '.join(NLU_TEXT_COLUMNS)}"
+            )
+        pairs = []
+        for row in reader:
+            line = reader.line_num
+            if None in row or any(row[c] is None for c in reader.fieldnames):
+                raise UsageError(
+                    f"--data_dir: {path} line {line} does not have the header's {len(reader.fieldnames)} "
+                    "';'-separated fields"
+                )
+            text = next((row[c].strip() for c in NLU_TEXT_COLUMNS if (row.get(c) or "").strip()), "")
+            if text and row["scenario"].strip() and row["intent"].strip():  # the release has a few empty rows
+                pairs.append((text, readable(f"{row['scenario'].strip()}_{row['intent'].strip()}")))
+    return pairs
 
 
 def load_nlu(data_dir: Path) -> tuple[list[str], list[Example], list[Example]]:
-    path = _nlu_csv(data_dir)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter=";", skipinitialspace=True))
-    columns = set(rows[0]) if rows else set()
-    if not {"scenario", "intent"} <= columns or not {"answer", "answer_normalised"} & columns:
-        raise UsageError(f"--data_dir: {path} needs the ';'-separated columns scenario, intent and answer")
-    pairs = []
-    for row in rows:
-        text = (row.get("answer") or row.get("answer_normalised") or "").strip()
-        if text and row["scenario"] and row["intent"]:
-            pairs.append((text, readable(f"{row['scenario']}_{row['intent']}")))
+    """The annotated CSV (``data_dir`` itself, or the one CSV in it) re-split 80/20; or the cross-validation
+    layout (``data_dir/train`` and ``data_dir/test``, one CSV per intent) with its own split."""
+    if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
+        splits = {}
+        for split in ("train", "test"):
+            files = sorted((data_dir / split).glob("*.csv"))
+            if not files:
+                raise UsageError(f"--data_dir: {data_dir / split} holds no .csv files (one per intent expected)")
+            splits[split] = [pair for path in files for pair in _nlu_rows(path)]
+        labels = sorted({label for pairs in splits.values() for _, label in pairs})
+        return labels, _index(splits["train"], labels, "train/"), _index(splits["test"], labels, "test/")
+    if data_dir.is_file():
+        path = data_dir
+    elif (data_dir / NLU_CSV).is_file():
+        path = data_dir / NLU_CSV
+    else:
+        found = sorted(data_dir.glob("*.csv"))
+        if len(found) != 1:
+            raise UsageError(
+                f"--data_dir: nlu needs {NLU_CSV} (or one .csv file), or train/ and test/ folders of per-intent "
+                f".csv files (the cross-validation release), in {data_dir}"
+            )
+        path = found[0]
+    pairs = _nlu_rows(path)
     labels = sorted({label for _, label in pairs})
     examples = _index(pairs, labels, path.name)
     train_ids, test_ids = split_80_20(len(examples))
