@@ -26,9 +26,10 @@ TAXI=${TAXI:-"--taxi_stage dropoff --taxi_dropoff_start anywhere --taxi_history 
 # the time and the oracle's otherwise ("oracle + random 0.9"), plus negative examples labelled with the fix.
 # The SFT policy learns to prefer the reflection's plan by a thin margin (it gives it ~0.4-0.5): greedy it
 # follows the plan only in part and loops, sampled it mostly wanders. RL has to turn that into a policy.
-# How much the SFT policy acts on the plan (taxi_plans' "swap shift") varies with the seed and decided RL under
-# the success-only reward; under "progress" RL got there from a policy that ignored the plan too (README,
-# "Measured"). Swapped examples (--swap_rate 0.5) did not make plan reading reliable: SWAP=0.5 to try.
+# How much the SFT policy acts on the plan (`python -m evaluation.taxi_plans --policy_path`, its "swap shift")
+# varies with the seed and decided RL under the success-only reward; under "progress" RL got there from a
+# policy that ignored the plan too (README, "Measured"). Swapped examples (--swap_rate 0.5) did not make plan
+# reading reliable: SWAP=0.5 to try.
 DATA="--num_episodes 400 --num_test_episodes 50 --label_source executed --random_action_rate 0.9"
 DATA="$DATA --swap_rate ${SWAP:-0} --seed $SEED"
 SFT="--use_peft false --learning_rate 1e-3 --per_device_train_batch_size 16 --seed $SEED"
@@ -72,6 +73,9 @@ stamp "3/5 in parallel: policy SFT -> Reflect-RL -> evaluation | plain SFT -> RL
   $PY -m training.rl_finetune --policy_path "$RUN/sft_plain" --output_dir "$RUN/rl_noreflect" $RL
   evaluate_both "$RUN/rl_noreflect" "SFT+RL w/o reflection" rl_noreflect
   evaluate_both "$RUN/sft_plain" "SFT-only w/o reflection" sft_plain
+  # the reference agents, off the critical path (this arm ends first)
+  $PY -m evaluation.evaluate --agent random --output_dir "$RUN/eval_sampled/random" --name random $EVAL $TAXI
+  $PY -m evaluation.evaluate --agent oracle --output_dir "$RUN/eval_sampled/oracle" --name oracle $EVAL $TAXI
   if [ "$NO_NEGATIVES" = 1 ]; then
     $PY -m training.sft --role policy --positive_only --data_dir "$RUN/data" --output_dir "$RUN/sft_positive" $POLICY_SFT
     $PY -m training.rl_finetune --policy_path "$RUN/sft_positive" --reflector_path "$RUN/sft_reflector" \
@@ -81,16 +85,11 @@ stamp "3/5 in parallel: policy SFT -> Reflect-RL -> evaluation | plain SFT -> RL
 ) > "$RUN/no_reflection.log" 2>&1 &
 no_reflection=$!
 $PY -m training.sft --role policy --data_dir "$RUN/data" --output_dir "$RUN/sft_policy" $POLICY_SFT
-# How much the SFT policy acts on the plan (its "swap shift"); under the success-only reward ~0 was a policy RL could not teach.
-$PY -m evaluation.taxi_plans --reflector_path "$RUN/sft_reflector" --policy_path "$RUN/sft_policy" $TAXI \
-  --output "$RUN/sft_policy/plans.json"
 stamp "Reflect-RL"
 $PY -m training.rl_finetune --policy_path "$RUN/sft_policy" --reflector_path "$RUN/sft_reflector" --output_dir "$RUN/reflect_rl" $RL
 stamp "evaluation of Reflect-RL and SFT-only (sampled and greedy actions)"
 evaluate_both "$RUN/reflect_rl" Reflect-RL reflect_rl
 evaluate_both "$RUN/sft_policy" SFT-only sft_only --reflector_path "$RUN/sft_reflector"
-$PY -m evaluation.evaluate --agent random --output_dir "$RUN/eval_sampled/random" --name random $EVAL $TAXI
-$PY -m evaluation.evaluate --agent oracle --output_dir "$RUN/eval_sampled/oracle" --name oracle $EVAL $TAXI
 stamp "4/5 waiting for the arm without reflection$([ "$NO_NEGATIVES" = 1 ] && echo " (and without negative examples)")"
 if ! wait "$no_reflection"; then
   tail -n 30 "$RUN/no_reflection.log"

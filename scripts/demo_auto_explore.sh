@@ -9,10 +9,10 @@ PY=${PYTHON:-python}
 SEED=${SEED:-0}
 # GPT-2's tokenizer: code and file names encode compactly (tiny-gpt2-compact's vocabulary is Taxi's).
 MODEL=${MODEL:-tiny-gpt2}
-REFLECTOR_STEPS=${REFLECTOR_STEPS:-400}
-SFT_STEPS=${SFT_STEPS:-300}
-RL_ITERS=${RL_ITERS:-30}
-EVAL_EPISODES=${EVAL_EPISODES:-100}
+REFLECTOR_STEPS=${REFLECTOR_STEPS:-250}
+SFT_STEPS=${SFT_STEPS:-200}
+RL_ITERS=${RL_ITERS:-12}
+EVAL_EPISODES=${EVAL_EPISODES:-80}
 # The default repositories (installed packages); click and gymnasium are held out: every test task comes from
 # them (26 at depth 0, 65 at depth 1, 55 at depth 2), and no training episode sees them. cat shows 400
 # characters so prompts stay near 400 tokens.
