@@ -646,15 +646,9 @@ def test_a_served_reflector_gives_the_local_reflectors_run(sft_runs, tmp_path):
     flags = ["--iterations", "2", "--reflection_temperature", "0", "--kl_coef", "0", "--seed", "3"]
     try:
         local = rl(tmp_path / "local", sft_runs, *flags)
-        served = rl(
-            tmp_path / "served",
-            sft_runs,
-            *flags,
-            "--reflector_api_base",
-            server.url,
-            "--reflector_model",
-            "reflector",
-            reflect=False,
+        served = rl_finetune.main(
+            ["--policy_path", str(sft_runs["policy"]), "--output_dir", str(tmp_path / "served"), *RL_FLAGS, *flags]
+            + ["--reflector_api_base", server.url, "--reflector_model", "reflector"]
         )
     finally:
         server.shutdown()
