@@ -12,7 +12,9 @@ MODEL=${MODEL:-tiny-gpt2}
 REFLECTOR_STEPS=${REFLECTOR_STEPS:-250}
 SFT_STEPS=${SFT_STEPS:-200}
 RL_ITERS=${RL_ITERS:-12}
-EVAL_EPISODES=${EVAL_EPISODES:-80}
+# Episode i plays test task i (mod their number): 146 is every held-out task once, so the depths are the test
+# set's (a block of 80 had 20 / 50 / 10 at depths 0 / 1 / 2).
+EVAL_EPISODES=${EVAL_EPISODES:-146}
 # The default repositories (installed packages); click and gymnasium are held out: every test task comes from
 # them (26 at depth 0, 65 at depth 1, 55 at depth 2), and no training episode sees them. cat shows 400
 # characters so prompts stay near 400 tokens.
