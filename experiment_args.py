@@ -220,12 +220,14 @@ def check_output_dir(
     flag: str = "--output_dir",
     overwrite: bool = False,
     compare_ignore: tuple[str, ...] = (),
+    added_defaults: dict | None = None,
 ) -> bool:
     """Refuse to mix two runs in one folder.
 
     Returns True when ``output_dir`` already holds a run with the same config (the caller may resume
     or skip), False when it is new or empty. A folder holding a different run raises UsageError.
-    With ``overwrite`` any existing folder is deleted first.
+    With ``overwrite`` any existing folder is deleted first. ``added_defaults`` are settings newer than
+    some saved runs, with their defaults: a saved config that lacks one had that default.
     """
     import yaml
 
@@ -238,6 +240,7 @@ def check_output_dir(
         return False
     if saved.exists():
         old = yaml.safe_load(saved.read_text()) or {}
+        old = {**(added_defaults or {}), **old}
         keys = (set(old) | set(config)) - set(compare_ignore)
         differ = sorted(k for k in keys if _plain(old.get(k)) != _plain(config.get(k)))
         if not differ:

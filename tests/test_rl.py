@@ -252,6 +252,11 @@ def test_resume_extends_a_finished_run_but_refuses_other_changes(sft_runs, tmp_p
     with pytest.raises(SystemExit):
         rl(out, sft_runs, *resume, "--learning_rate", "1e-2", reflect=False)
     assert "differs in learning_rate" in capsys.readouterr().err
+    # a run saved before the served-reflector settings existed resumes too (they were at their defaults)
+    served = ("reflector_api_base", "reflector_model", "reflector_api_key_env", "reflector_concurrency")
+    served += ("reflector_timeout", "reflector_max_retries")
+    config = [line for line in (out / "config.yaml").read_text().splitlines() if not line.startswith(served)]
+    (out / "config.yaml").write_text("\n".join(config) + "\n")
     more = rl(out, sft_runs, *resume, "--save_steps", "1", reflect=False)
     assert [r["iteration"] for r in more] == [1]
     assert (out / "checkpoint-2").is_dir() and "iterations: 2" in (out / "config.yaml").read_text()

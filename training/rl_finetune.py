@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from experiment_args import (
     RLArguments,
+    ServedReflectorArguments,
     UsageError,
     check_output_dir,
     cli,
@@ -479,7 +480,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # A run may resume on another number of processes (with a warning that its sampling differs), and
     # resuming may extend it (--iterations) or change how often it checkpoints and logs episodes.
     ignore = ("num_processes",) + (RESUME_MAY_CHANGE if args.resume_from_checkpoint else ())
-    same_run = check_output_dir(output_dir, config, compare_ignore=ignore) if not args.overwrite_output_dir else False
+    # runs saved before the served reflector existed had its fields at their defaults
+    served = {f.name: f.default for f in dataclasses.fields(ServedReflectorArguments)}
+    same_run = (
+        check_output_dir(output_dir, config, compare_ignore=ignore, added_defaults=served)
+        if not args.overwrite_output_dir
+        else False
+    )
     resume = resolve_resume(output_dir, args.resume_from_checkpoint)
     if same_run and not resume and (output_dir / "metrics.jsonl").exists():
         raise UsageError(
@@ -490,7 +497,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     players.to(accelerator.device)
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes it
     if main_process:
-        check_output_dir(output_dir, config, overwrite=args.overwrite_output_dir and not resume, compare_ignore=ignore)
+        check_output_dir(
+            output_dir,
+            config,
+            overwrite=args.overwrite_output_dir and not resume,
+            compare_ignore=ignore,
+            added_defaults=served,
+        )
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(output_dir, config)
 
