@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+import socket
 import sys
 import threading
 import time
@@ -173,7 +174,10 @@ class OpenAIServer(ThreadingHTTPServer):
     """One thread per connection; model calls are serialised by ``model_lock``."""
 
     daemon_threads = True
-    block_on_close = False  # keep-alive client connections must not hold up shutdown
+    # server_close() joins the handler threads, after shutting down the sockets of connections still open (a
+    # keep-alive client that never closes must not hold it up). A handler thread left running in torch at
+    # interpreter exit aborted the process ("terminate called without an active exception").
+    block_on_close = True
 
     def __init__(self, address, backend: Backend, served_name: str, faults: Faults, verbose: bool = False):
         self.backend = backend
@@ -185,7 +189,29 @@ class OpenAIServer(ThreadingHTTPServer):
         self.requests = 0  # every HTTP request received, failed and faulted ones included
         self._rng = random.Random(faults.seed)
         self._rng_lock = threading.Lock()
+        self._connections: set = set()
+        self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address):
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self):
+        with self._connections_lock:
+            open_now = list(self._connections)
+        for connection in open_now:  # wakes handlers waiting on a keep-alive read; they then return
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        super().server_close()  # joins the handler threads
 
     @property
     def url(self) -> str:
