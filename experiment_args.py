@@ -926,6 +926,23 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'experiment_args' has no attribute {name!r}")
 
 
+def reflector_backend(args, cache_dir=None):
+    """The OpenAIBackend of a reflector behind an API, from the ``--reflector_*`` flags that data generation
+    (ReflectorAPIArguments) and RL and evaluation (ServedReflectorArguments) share; errors name those flags."""
+    from llm.openai_api import OpenAIBackend
+
+    return OpenAIBackend(
+        args.reflector_model,
+        base_url=args.reflector_api_base or None,
+        api_key_env=args.reflector_api_key_env,
+        timeout=args.reflector_timeout,
+        max_retries=args.reflector_max_retries,
+        concurrency=args.reflector_concurrency,
+        cache_dir=cache_dir,
+        flag_prefix="reflector_",
+    )
+
+
 @dataclass
 class ServedReflectorArguments:
     """The frozen reflector behind an OpenAI-compatible server, in place of ``--reflector_path`` (RL and
@@ -955,20 +972,6 @@ class ServedReflectorArguments:
             raise UsageError(
                 "--reflector_concurrency must be >= 1, --reflector_max_retries >= 0, --reflector_timeout > 0"
             )
-
-    def served_reflector_backend(self):
-        """The OpenAIBackend of ``--reflector_api_base`` (errors name the ``--reflector_*`` flags)."""
-        from llm.openai_api import OpenAIBackend
-
-        return OpenAIBackend(
-            self.reflector_model,
-            base_url=self.reflector_api_base,
-            api_key_env=self.reflector_api_key_env,
-            timeout=self.reflector_timeout,
-            max_retries=self.reflector_max_retries,
-            concurrency=self.reflector_concurrency,
-            flag_prefix="reflector_",
-        )
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from experiment_args import ReflectorAPIArguments
+from experiment_args import ReflectorAPIArguments, reflector_backend
 
 
 @dataclass(frozen=True)
@@ -32,19 +32,8 @@ class APIReflections:
     ``fill(split, episodes)`` before they are written, and ``stats()`` (request and token counts) at the end."""
 
     def __init__(self, args: ReflectorAPIArguments, cache_dir: str | Path, data_seed: int):
-        from llm.openai_api import OpenAIBackend
-
         self.args, self.data_seed = args, data_seed
-        self.backend = OpenAIBackend(
-            args.reflector_model,
-            base_url=args.reflector_api_base or None,
-            api_key_env=args.reflector_api_key_env,
-            timeout=args.reflector_timeout,
-            max_retries=args.reflector_max_retries,
-            concurrency=args.reflector_concurrency,
-            cache_dir=cache_dir,
-            flag_prefix="reflector_",
-        )
+        self.backend = reflector_backend(args, cache_dir)
 
     @staticmethod
     def pending(messages: list[dict]) -> PendingReflection:

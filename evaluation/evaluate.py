@@ -34,6 +34,7 @@ from experiment_args import (
     inherited_run_flags,
     latest_checkpoint,
     parse_with_env,
+    reflector_backend,
 )
 from training.players import load_players
 from training.rollout import (
@@ -120,9 +121,7 @@ def load_agent(args: EvalArguments):
             args.reflection_temperature,
         )
     elif args.reflector_api_base:
-        reflector = ServedReflector(
-            args.served_reflector_backend(), args.reflection_max_tokens, args.reflection_temperature
-        )
+        reflector = ServedReflector(reflector_backend(args), args.reflection_max_tokens, args.reflection_temperature)
     meta = {
         "reflection": reflector is not None,
         "policy_path": policy_path,

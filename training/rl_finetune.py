@@ -41,6 +41,7 @@ from experiment_args import (
     check_output_dir,
     cli,
     parse_with_env,
+    reflector_backend,
     resolve_resume,
     resolved_config,
     save_config,
@@ -531,9 +532,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.reflection_temperature,
         )
     elif args.reflector_api_base:
-        reflector = ServedReflector(
-            args.served_reflector_backend(), args.reflection_max_tokens, args.reflection_temperature
-        )
+        reflector = ServedReflector(reflector_backend(args), args.reflection_max_tokens, args.reflection_temperature)
     params = [p for p in players.policy_model.parameters() if p.requires_grad]
     if value_head is not None:
         params += list(value_head.parameters())
