@@ -4,10 +4,12 @@
     python -m benchmarks.run --quick              # a smoke run of every part, about 1 min
     python -m benchmarks.run --scaling            # also SFT and RL at 2 processes vs 1 (+2-3 min)
     python -m benchmarks.run --parts peer         # only rl_finetune vs TRL's GRPOTrainer to a success rate (5-7 min)
+    python -m benchmarks.run --parts serve        # only the load test of evaluation.serve (~30 s)
     python -m benchmarks.run --memory_model smollm2-135m --output bench.json
 
 Each row of the table is a ratio of two things measured side by side in this run (see each part's module:
-``benchmarks.rollout``, ``.memory``, ``.sft``, ``.icrl``, ``.scaling``, ``.peer``), with the issue's target where
+``benchmarks.rollout``, ``.memory``, ``.sft``, ``.icrl``, ``.scaling``, ``.peer``, ``.serve_load``), with the
+issue's target where
 it set one; ``peer`` takes 5-7 of the run's minutes. The JSON
 (``benchmarks/results/<timestamp>.json`` unless ``--output``) holds the machine (CPU model, cores, torch
 threads, GPU), package versions, the git commit, the settings, each part's wall time and the load average
@@ -34,7 +36,7 @@ from pathlib import Path
 from experiment_args import UsageError, atomic_write_text, cli, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("rollout", "memory", "sft", "icrl", "peer")
+PARTS = ("rollout", "memory", "sft", "icrl", "peer", "serve")
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate")
 
 
@@ -78,6 +80,9 @@ class BenchArguments:
     peer_lrs_trl: str = field(default="3e-4,1e-3", metadata={"help": "Peer: learning rates of TRL's GRPO."})
     peer_sft_steps: int = field(default=200, metadata={"help": "Peer: SFT steps of the shared start policy."})
     peer_eval_episodes: int = field(default=96, metadata={"help": "Peer: episodes of the final evaluation."})
+    serve_clients: str = field(default="1,8,32", metadata={"help": "Serve: numbers of concurrent clients."})
+    serve_requests: int = field(default=96, metadata={"help": "Serve: requests sent at each number of clients."})
+    serve_max_tokens: int = field(default=16, metadata={"help": "Serve: tokens generated per request (greedy)."})
     work_dir: str = field(default="", metadata={"help": "Keep the runs here; default a temp dir, removed after."})
 
     def __post_init__(self):
@@ -97,6 +102,12 @@ class BenchArguments:
             raise UsageError(f"--rollout_envs {self.rollout_envs!r} must be comma-separated integers") from None
         if not sizes or min(sizes) < 1:
             raise UsageError("--rollout_envs needs at least one positive number")
+        try:
+            clients = self.serve_client_counts
+        except ValueError:
+            raise UsageError(f"--serve_clients {self.serve_clients!r} must be comma-separated integers") from None
+        if not clients or min(clients) < 1 or self.serve_requests < 1 or self.serve_max_tokens < 1:
+            raise UsageError("--serve_clients needs positive numbers; --serve_requests, --serve_max_tokens positive")
         for name in ("threads", "reflection_tokens", "sft_warmup", "sft_steps", "sft_batch_size", "icrl_steps"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be positive")
@@ -122,6 +133,10 @@ class BenchArguments:
         return [p.strip() for p in self.parts.split(",") if p.strip()]
 
     @property
+    def serve_client_counts(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.serve_clients.split(",") if n.strip())
+
+    @property
     def env_sizes(self) -> list[int]:
         return [int(n) for n in self.rollout_envs.split(",") if n.strip()]
 
@@ -145,6 +160,9 @@ QUICK = {
     "peer_lrs_trl": "1e-3",
     "peer_sft_steps": 20,
     "peer_eval_episodes": 16,
+    "serve_clients": "1,4",
+    "serve_requests": 16,
+    "serve_max_tokens": 8,
 }
 
 
@@ -242,7 +260,7 @@ def table(figures: list) -> str:
 
 def run_parts(args: BenchArguments, device: str, work_dir: Path, report: dict) -> list:
     """Each part in turn; a failing part is recorded (and the run goes on) rather than losing the others."""
-    from benchmarks import icrl, memory, peer, rollout, scaling, sft
+    from benchmarks import icrl, memory, peer, rollout, scaling, serve_load, sft
     from benchmarks.common import log
 
     calls = {
@@ -275,6 +293,9 @@ def run_parts(args: BenchArguments, device: str, work_dir: Path, report: dict) -
             args.threads,
             device,
             args.seed,
+        ),
+        "serve": lambda: serve_load.run(
+            args.serve_client_counts, args.serve_requests, args.serve_max_tokens, args.model, args.threads
         ),
         "scaling": lambda: scaling.run(
             work_dir / "scaling",

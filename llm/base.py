@@ -6,12 +6,17 @@ text that opens the assistant turn after the rendered prompt (ICRL appends the b
 answer is one of them: :class:`llm.local.LocalBackend` constrains decoding to them, and
 :class:`llm.openai_api.OpenAIBackend` parses the free answer with :func:`parse_choice` (``choice=None`` when
 nothing matches, counted in ``usage.unparsed_choices``; callers score it as wrong).
+
+Per-token output, for backends with ``token_level`` (the local one): ``top_logprobs=k`` fills each Generation's
+``token_ids``, ``token_logprobs`` and ``top_logprobs`` (the k most likely tokens at each step, k may be 0), and
+``on_token(index, token_id, logprob, top)`` is called as each token of prompt ``index`` is decoded (streaming).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from experiment_args import UsageError
@@ -34,6 +39,11 @@ class Generation:
     completion_tokens: int = 0
     cached: bool = False  # served from the on-disk cache
     finish_reason: str = "stop"  # "stop" (end token, stop string or a complete choice) or "length" (max_tokens)
+    # With top_logprobs=k: every generated token (end token included), its log-prob (the same as in `logprob`),
+    # and the k most likely (token id, log-prob) pairs at its step, most likely first.
+    token_ids: list[int] | None = None
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -57,6 +67,7 @@ class Backend:
     """``generate(prompts) -> [Generation]`` in input order; subclasses fill in ``_generate``."""
 
     name: str = "backend"
+    token_level: bool = False  # gives per-token log-probs (top_logprobs) and calls on_token while decoding
 
     def __init__(self) -> None:
         self.usage = Usage()
@@ -78,10 +89,13 @@ class Backend:
         choices: list[str] | None = None,
         seed: int | list[int] | None = None,
         prefill: str = "",
+        top_logprobs: int | None = None,
+        on_token: Callable[[int, int, float, list[tuple[int, float]] | None], None] | None = None,
     ) -> list[Generation]:
         """One Generation per prompt, in order. With ``choices``, ``max_tokens`` and ``stop`` do not apply
         locally (decoding runs until a choice is complete); the API backend sends them and parses the answer.
-        ``seed`` may be a list, one per prompt (the API backend sends each its own; the local one takes one)."""
+        ``seed`` may be a list, one per prompt (the API backend sends each its own; the local one takes one).
+        ``top_logprobs`` and ``on_token`` need a ``token_level`` backend (see the module docstring)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -96,6 +110,13 @@ class Backend:
                 raise ValueError("each prompt must be a str or a list of {role, content} messages")
         if isinstance(seed, list) and len(seed) != len(prompts):
             raise ValueError(f"got {len(seed)} seeds for {len(prompts)} prompts")
+        extra = {}
+        if top_logprobs is not None or on_token is not None:
+            if not self.token_level:
+                raise ValueError(f"the {self.name} backend gives no per-token log-probs")
+            if top_logprobs is not None and top_logprobs < 0:
+                raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
+            extra = {"top_logprobs": top_logprobs, "on_token": on_token}
         if not prompts:
             return []
         return self._generate(
@@ -107,6 +128,7 @@ class Backend:
             choices=list(choices) if choices is not None else None,
             seed=seed,
             prefill=prefill,
+            **extra,
         )
 
     def _generate(self, prompts: list[Prompt], **kwargs) -> list[Generation]:

@@ -110,9 +110,12 @@ class LocalBackend(Backend):
     the longest part it shares with a kept one. ``reuse_prefix = False`` turns this off (the results are the
     same up to float rounding; a test checks it). ``logprob`` is the sum of the model's log-probs (temperature
     1, no mask) of every generated token, the end token included; stop strings cut the text, not the sum.
+    With ``top_logprobs=k`` each of those tokens' log-probs, and the k most likely at its step, come back too
+    (the same log-softmax, from the same decode).
     """
 
     name = "local"
+    token_level = True
 
     def __init__(
         self,
@@ -226,7 +229,20 @@ class LocalBackend(Backend):
         return cache
 
     @torch.no_grad()
-    def _generate(self, prompts, *, max_tokens, temperature, top_p, stop, choices, seed, prefill):
+    def _generate(
+        self,
+        prompts,
+        *,
+        max_tokens,
+        temperature,
+        top_p,
+        stop,
+        choices,
+        seed,
+        prefill,
+        top_logprobs=None,
+        on_token=None,
+    ):
         if isinstance(seed, list):
             raise ValueError("the local backend samples a batch from one seed; pass an int")
         rows = [self.encode(p, prefill) for p in prompts]
@@ -263,6 +279,9 @@ class LocalBackend(Backend):
                 stop,
                 choices,
                 generator,
+                top_logprobs,
+                on_token,
+                start,
             )
             if prefix_cache is not None:
                 self.prefix_tokens_reused += shared * len(rows[batch])
@@ -273,8 +292,24 @@ class LocalBackend(Backend):
         )
         return out
 
-    def _decode(self, rows, tries, shared, prefix_cache, max_tokens, temperature, top_p, stop, choices, generator):
-        """Decode one batch: the suffixes after ``shared`` prefix tokens, left-padded, on a copy of its cache."""
+    def _decode(
+        self,
+        rows,
+        tries,
+        shared,
+        prefix_cache,
+        max_tokens,
+        temperature,
+        top_p,
+        stop,
+        choices,
+        generator,
+        top_logprobs=None,
+        on_token=None,
+        first_index=0,
+    ):
+        """Decode one batch: the suffixes after ``shared`` prefix tokens, left-padded, on a copy of its cache.
+        ``on_token`` numbers the rows from ``first_index`` (the batch's place in the call's prompts)."""
         B, device = len(rows), self.device
         suffixes = [row[shared:] for row in rows]
         width = max(map(len, suffixes))
@@ -295,6 +330,8 @@ class LocalBackend(Backend):
         nodes = list(tries)
         tokens: list[list[int]] = [[] for _ in range(B)]
         logprobs = [0.0] * B
+        token_logprobs: list[list[float]] = [[] for _ in range(B)]
+        tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(B)]
         done = [False] * B
         for _ in range(max_tokens):
             logp = torch.log_softmax(logits, dim=-1)  # (B, V) the model's own log-probs, T=1
@@ -308,11 +345,19 @@ class LocalBackend(Backend):
             picked = _pick(scores, temperature, top_p, generator)  # (B,)
             picked_logp = logp.gather(1, picked[:, None]).squeeze(1).tolist()
             picked = picked.tolist()
+            top = None
+            if top_logprobs:
+                top_values, top_ids = logp.topk(min(top_logprobs, logp.shape[-1]), dim=-1)  # (B, k), sorted
+                top = [list(zip(ids, values)) for ids, values in zip(top_ids.tolist(), top_values.tolist())]
             for b in range(B):
                 if done[b]:
                     continue
                 tokens[b].append(picked[b])
                 logprobs[b] += picked_logp[b]
+                token_logprobs[b].append(picked_logp[b])
+                tops[b].append(top[b] if top else [])
+                if on_token is not None:
+                    on_token(first_index + b, picked[b], picked_logp[b], top[b] if top else None)
                 if choices:
                     nodes[b] = nodes[b].children[picked[b]]
                     done[b] = nodes[b].choice is not None
@@ -330,6 +375,8 @@ class LocalBackend(Backend):
         out = []
         for b in range(B):
             common = {"logprob": logprobs[b], "prompt_tokens": len(rows[b]), "completion_tokens": len(tokens[b])}
+            if top_logprobs is not None:
+                common |= {"token_ids": tokens[b], "token_logprobs": token_logprobs[b], "top_logprobs": tops[b]}
             if choices:
                 out.append(Generation(text=choices[nodes[b].choice], choice=nodes[b].choice, **common))
                 continue

@@ -172,3 +172,21 @@ def test_backend_arguments_and_make_backend(tmp_path, monkeypatch):
     local = make_backend(args)
     assert isinstance(local, LocalBackend) and local.batch_size == 2
     assert local.usage.to_dict()["requests"] == 0
+
+
+def test_per_token_logprobs_and_on_token(backend):
+    prompts = ["The bank said", "My card", "Where is", "Why"]  # 4 prompts, batches of 3: two decodes
+    seen = {i: [] for i in range(4)}
+    gens = backend.generate(
+        prompts, max_tokens=5, top_logprobs=2, on_token=lambda i, token, lp, top: seen[i].append((token, lp, top))
+    )
+    for i, gen in enumerate(gens):
+        assert [s[0] for s in seen[i]] == gen.token_ids and len(gen.token_ids) == gen.completion_tokens
+        assert [s[1] for s in seen[i]] == gen.token_logprobs and sum(gen.token_logprobs) == pytest.approx(gen.logprob)
+        assert all(len(top) == 2 and top[0][0] == token for top, token in zip(gen.top_logprobs, gen.token_ids))
+    plain = backend.generate(prompts, max_tokens=5)
+    assert [g.text for g in plain] == [g.text for g in gens] and plain[0].token_ids is None
+    with pytest.raises(ValueError, match="top_logprobs"):
+        backend.generate(prompts, top_logprobs=-1)
+    with pytest.raises(ValueError, match="per-token"):
+        OpenAIBackend("m", base_url="http://127.0.0.1:9/v1").generate(["hi"], top_logprobs=0)
