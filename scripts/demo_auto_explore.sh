@@ -12,6 +12,9 @@ MODEL=${MODEL:-tiny-gpt2}
 REFLECTOR_STEPS=${REFLECTOR_STEPS:-250}
 SFT_STEPS=${SFT_STEPS:-200}
 RL_ITERS=${RL_ITERS:-12}
+# Full fine-tunes: 1e-3 / 3e-4 suit the random tiny models; a pretrained model (MODEL=smollm2-135m) wants ~1e-4 / 1e-5.
+SFT_LR=${SFT_LR:-1e-3}
+RL_LR=${RL_LR:-3e-4}
 # Episode i plays test task i (mod their number): 146 is every held-out task once, so the depths are the test
 # set's (a block of 80 had 20 / 50 / 10 at depths 0 / 1 / 2).
 EVAL_EPISODES=${EVAL_EPISODES:-146}
@@ -20,10 +23,10 @@ EVAL_EPISODES=${EVAL_EPISODES:-146}
 # characters so prompts stay near 400 tokens.
 AE=${AE_FLAGS:-"--auto_explore_holdout_repos click,gymnasium --auto_explore_max_cat_chars 400"}
 DATA="--num_episodes 300 --num_test_episodes 40 --seed $SEED"
-SFT="--use_peft false --learning_rate 1e-3 --per_device_train_batch_size 8 --seed $SEED --report_to none"
+SFT="--use_peft false --learning_rate $SFT_LR --per_device_train_batch_size 8 --seed $SEED --report_to none"
 SFT="$SFT --logging_steps 25 --max_eval_samples 100"
 REFLECT="--reflection_max_tokens 24 --reflection_temperature 0"
-RL="--algo grpo --group_size 4 --group_by_state --num_envs 32 --iterations $RL_ITERS --learning_rate 3e-4"
+RL="--algo grpo --group_size 4 --group_by_state --num_envs 32 --iterations $RL_ITERS --learning_rate $RL_LR"
 RL="$RL --minibatch_size 64 --update_epochs 2 --save_steps 10 --seed $SEED $REFLECT --report_to none"
 EVAL="--num_episodes $EVAL_EPISODES $REFLECT"
 start=$(date +%s)

@@ -15,6 +15,18 @@ def accelerate_launch(num_processes: int) -> list[str]:
     ]  # fmt: skip
 
 
+def launch_env() -> dict[str, str]:
+    """The environment for ``accelerate_launch`` subprocesses: one torch thread each, and on a machine with
+    fewer than two GPUs no GPU at all, so both processes run on the CPU over gloo (two ranks on one GPU fail
+    with 'invalid device ordinal', seen on a 1-GPU H100)."""
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if torch.cuda.device_count() < 2:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

@@ -28,7 +28,7 @@ def backend(tiny_model_dir):
 
 def direct_logprob(backend, prompt_ids: list[int], continuation: list[int]) -> float:
     """log p(continuation | prompt) from one plain forward pass, no cache, no batching."""
-    ids = torch.tensor([prompt_ids + continuation])
+    ids = torch.tensor([prompt_ids + continuation], device=backend.model.device)
     with torch.no_grad():
         logp = torch.log_softmax(backend.model(input_ids=ids).logits[0].float(), dim=-1)  # (T, V)
     return sum(logp[len(prompt_ids) - 1 + k, tok].item() for k, tok in enumerate(continuation))

@@ -127,23 +127,24 @@ def test_action_logprobs_match_unpadded_forward(tiny_model_dir, tok):
     model = frozen()
     label_ids = torch.tensor(label_token_ids(tok, action_labels(5)))
     n_actions = [3, 2]
+    tol = 1e-5 if model.dtype == torch.float32 else 1e-2  # bf16 is the default where CUDA has it
     with torch.no_grad():
         logprobs, entropy = action_logprobs(model, tok, PROMPTS, n_actions, label_ids)  # (B, A), (B,)
         lengths = [len(tok(p)["input_ids"]) for p in PROMPTS]
         assert lengths[0] != lengths[1]  # so the batch really is padded
         for b, prompt in enumerate(PROMPTS):
-            logits = model(**tok(prompt, return_tensors="pt")).logits[0, -1]  # (V,), alone: no padding
+            logits = model(**tok(prompt, return_tensors="pt")).logits[0, -1].float()  # (V,), alone: no padding
             expected = torch.log_softmax(logits[label_ids[: n_actions[b]]], dim=-1)
-            torch.testing.assert_close(logprobs[b, : n_actions[b]], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logprobs[b, : n_actions[b]], expected, atol=tol, rtol=tol)
             assert torch.isneginf(logprobs[b, n_actions[b] :]).all()
             probs = expected.exp()
             torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
-            torch.testing.assert_close(entropy[b], -(probs * expected).sum(), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(entropy[b], -(probs * expected).sum(), atol=tol, rtol=tol)
         # Left truncation keeps the end of the prompt: the same as scoring the last 7 tokens alone.
         cut, _ = action_logprobs(model, tok, PROMPTS[:1], [3], label_ids, max_length=7)
         last7 = torch.tensor([tok(PROMPTS[0])["input_ids"][-7:]])
-        expected = torch.log_softmax(model(input_ids=last7).logits[0, -1][label_ids[:3]], dim=-1)
-        torch.testing.assert_close(cut[0, :3], expected, atol=1e-5, rtol=1e-5)
+        expected = torch.log_softmax(model(input_ids=last7).logits[0, -1].float()[label_ids[:3]], dim=-1)
+        torch.testing.assert_close(cut[0, :3], expected, atol=tol, rtol=tol)
 
 
 def test_lora_all_linear_on_gpt2_conv1d_gets_grads_only_on_lora(tiny_model_dir, tok):
@@ -181,7 +182,8 @@ def test_quantised_lora_runs_on_cpu(tiny_model_dir, tok, bits):
     with torch.no_grad():
         reference, _ = action_logprobs(frozen(), tok, PROMPTS, [3, 2], label_ids)
     assert torch.isfinite(logprobs[0]).all()
-    torch.testing.assert_close(logprobs, reference, atol=0.05, rtol=0)  # LoRA B = 0: only quantisation error
+    # LoRA B = 0: only quantisation error. bitsandbytes puts the base on the GPU where there is one.
+    torch.testing.assert_close(logprobs.cpu(), reference.cpu(), atol=0.05, rtol=0)
     logprobs[:, 0].sum().backward()
     assert all(g is not None and g.abs().sum() > 0 for n, g in lora_grads(model).items() if "lora_B" in n)
 

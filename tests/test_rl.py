@@ -387,8 +387,8 @@ def test_rl_leaves_the_reflector_and_the_base_untouched(sft_runs, tmp_path, monk
 
     monkeypatch.setattr(rl_finetune, "load_players", capture)
     rl(tmp_path / "rl", sft_runs, "--iterations", "2", "--learning_rate", "1e-2")
-    after = dict(captured["players"].policy_model.named_parameters())
-    changed = {n for n, p in captured["before"].items() if not torch.equal(p, after[n].detach())}
+    after = dict(captured["players"].policy_model.named_parameters())  # on the GPU where there is one
+    changed = {n for n, p in captured["before"].items() if not torch.equal(p, after[n].detach().to(p.device))}
     assert changed and all(".policy." in n for n in changed)  # only the policy adapter moved
     assert any(".reflector." in n for n in captured["before"]) and any(".reference." in n for n in captured["before"])
 
@@ -415,12 +415,14 @@ def test_replayed_episodes_get_fresh_logprobs_and_values(sft_runs):
         for ep in episodes
     ]
     fresh = refresh_replayed(stale, policy)
+    # A batch of other prompts changes bf16 rounding (the default dtype where CUDA has bf16), not float32's.
+    tol = 1e-5 if players.policy_model.dtype == torch.float32 else 1e-2
     for old, new in zip(episodes, fresh):
         for a, b in zip(old.steps, new.steps):
             if a.action is not None:
-                assert b.logprob == pytest.approx(a.logprob, abs=1e-5) and b.value == pytest.approx(a.value, abs=1e-5)
+                assert b.logprob == pytest.approx(a.logprob, abs=tol) and b.value == pytest.approx(a.value, abs=tol)
         if old.bootstrap is not None:
-            assert new.bootstrap.value == pytest.approx(old.bootstrap.value, abs=1e-5)
+            assert new.bootstrap.value == pytest.approx(old.bootstrap.value, abs=tol)
     assert stale[0].steps[0].logprob == -9.0  # the replay buffer's own copy is not modified
 
 
@@ -495,15 +497,14 @@ def test_group_algorithms_run_on_taxi(sft_runs, tmp_path, algo):
 
 
 def _launch_two(out, runs, *flags, wait=True):
-    import os
     import subprocess
     from pathlib import Path
 
-    from conftest import accelerate_launch
+    from conftest import accelerate_launch, launch_env
 
     cmd = [*accelerate_launch(2), "-m", "training.rl_finetune", "--policy_path", str(runs["policy"])]
     cmd += ["--reflector_path", str(runs["reflector"]), "--output_dir", str(out), *RL_FLAGS, *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = launch_env()
     root = Path(__file__).resolve().parents[1]
     if not wait:
         return subprocess.Popen(

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import accelerate_launch
+from conftest import accelerate_launch, launch_env
 from safetensors.torch import load_file
 
 from data_gen.taxi import gen_sft
@@ -137,9 +137,7 @@ def test_accelerate_launch_two_processes(tiny_model_dir, data_dir, tmp_path):
         "--logging_steps",
         "1",
     ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = (out / "config.yaml").read_text()
     assert "world_size: 2" in config
