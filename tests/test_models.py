@@ -290,6 +290,20 @@ def test_inverse_cdf_sampling_draws_from_the_tempered_distribution():
     assert sample_tokens(scores[:2], None).tolist() == [0, 0]
 
 
+def test_loaded_gpt2_uses_the_fused_tanh_gelu_with_the_same_outputs(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    model = frozen(dtype="float32")
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.GELU) for m in model.modules()) == model.config.n_layer
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)  # transformers' own module
+    assert any(isinstance(m, NewGELUActivation) for m in plain.modules())
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_decode_matches_generate_and_drops_finished_rows(model_cache):
     from envs.prompt import reflection_prompt
     from envs.taxi import TaxiEnv

@@ -272,6 +272,7 @@ def _load_base(args: ModelArguments, path: str, trainable: bool, activation_chec
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise _load_error(path, err) from None
+    fuse_tanh_gelu(model)
 
     if trainable and (args.load_in_8bit or args.load_in_4bit):
         from peft import prepare_model_for_kbit_training
@@ -288,6 +289,22 @@ def _load_base(args: ModelArguments, path: str, trainable: bool, activation_chec
         # inside them would get none (trl#3089).
         model.enable_input_require_grads()
     return model
+
+
+def fuse_tanh_gelu(model) -> int:
+    """Swap transformers' ``NewGELUActivation`` (GPT-2's tanh-approximated GELU, composed of six elementwise
+    ops in Python) for ``torch.nn.GELU(approximate="tanh")``, one fused kernel of the same formula: 4x faster on
+    a CPU core (it was 28% of the built-in model's rollout time), outputs within 2.4e-7 in float32. Returns the
+    number of modules swapped; the saved config and weights are unchanged."""
+    from transformers.activations import NewGELUActivation
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
 
 
 def load_model(
@@ -563,6 +580,7 @@ def decode(
     # Positions count real tokens only, so a left-padded prompt sees the positions it would alone.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, T)
     cache = DynamicCache(config=model.config)
+    _reserve(cache, max_new_tokens)
     keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     out = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, **keep_last
@@ -598,6 +616,54 @@ def decode(
         logits = out.logits[:, -1, :]
         next_position = next_position + 1
     return new[:, : step + 1]
+
+
+_RESERVED_LAYER = None
+
+
+def _reserve(cache, tokens: int) -> None:
+    """Give each plain layer of ``cache`` (a fresh ``DynamicCache``) room for ``tokens`` tokens past its prefill,
+    so that decoding writes each token's keys and values in place. ``DynamicLayer`` appends by ``torch.cat``,
+    which copies the whole cache at every token: 12% of the built-in model's batched rollout. Sliding-window
+    and other layer kinds are left as they are."""
+    global _RESERVED_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    if _RESERVED_LAYER is None:
+
+        class ReservedLayer(DynamicLayer):
+            """Keys and values are views of the first ``length`` positions of buffers (B, H, T, D) with spare room."""
+
+            def __init__(self, spare: int):
+                super().__init__()
+                self.spare, self.length = spare, 0
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                new = key_states.shape[-2]
+                if self.length == 0 or self.length + new > self.key_buffer.shape[-2]:
+                    shape = (*key_states.shape[:-2], self.length + new + self.spare, key_states.shape[-1])
+                    key_buffer, value_buffer = key_states.new_empty(shape), value_states.new_empty(shape)
+                    if self.length:
+                        key_buffer[..., : self.length, :] = self.keys
+                        value_buffer[..., : self.length, :] = self.values
+                    self.key_buffer, self.value_buffer = key_buffer, value_buffer
+                self.key_buffer[..., self.length : self.length + new, :] = key_states
+                self.value_buffer[..., self.length : self.length + new, :] = value_states
+                self.length += new
+                self.keys = self.key_buffer[..., : self.length, :]
+                self.values = self.value_buffer[..., : self.length, :]
+                return self.keys, self.values
+
+            def batch_select_indices(self, indices: torch.Tensor) -> None:
+                if self.length:
+                    self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+                    self.keys = self.key_buffer[..., : self.length, :]
+                    self.values = self.value_buffer[..., : self.length, :]
+
+        _RESERVED_LAYER = ReservedLayer
+    cache.layers = [_RESERVED_LAYER(tokens) if type(layer) is DynamicLayer else layer for layer in cache.layers]
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
