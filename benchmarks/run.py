@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from experiment_args import UsageError, atomic_write_text, cli, parse_args
+from experiment_args import UsageError
+from run_utils import atomic_write_text, cli, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("rollout", "memory", "sft", "icrl", "peer", "serve")

@@ -37,7 +37,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from benchmarks.common import Figure, Target, fmt, log
-from experiment_args import UsageError, atomic_write_text, cli, parse_args
+from experiment_args import UsageError
+from run_utils import atomic_write_text, cli, parse_args
 
 SERVER_PACKAGES = ("fastapi", "starlette", "uvicorn")
 TOLERANCE = 1e-4  # log-probs of one answer decoded alone or in a batch differ by float rounding only (~1e-6)

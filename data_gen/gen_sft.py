@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from experiment_args import UsageError, cli
+from experiment_args import UsageError
+from run_utils import cli
 
 GENERATORS = {"taxi": "data_gen.taxi.gen_sft", "auto_explore": "data_gen.auto_explore.gen_sft"}
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from envs.prompt import action_labels, policy_prompt, reflection_prompt
-from experiment_args import UsageError, atomic_write_text, check_output_dir, resolved_config, save_config
+from experiment_args import UsageError
+from run_utils import atomic_write_text, check_output_dir, resolved_config, save_config
 
 FILES = ("sft", "sft_reflection", "sft_policy")
 MAX_LABELS = len(action_labels(62))  # digits and letters: single tokens for every tokenizer we know

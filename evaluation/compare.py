@@ -20,7 +20,8 @@ import json
 import os
 from pathlib import Path
 
-from experiment_args import ENV_ARGUMENTS, UsageError, cli
+from experiment_args import ENV_ARGUMENTS, UsageError
+from run_utils import cli
 
 # Each environment's curriculum order (Taxi: pickup -> dropoff -> full); other stages follow in order seen.
 STAGE_ORDER = tuple(dict.fromkeys(stage for env in ENV_ARGUMENTS.values() for stage in env.stages))

@@ -26,16 +26,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from experiment_args import (
-    EvalArguments,
-    UsageError,
-    atomic_write_text,
-    cli,
-    inherited_run_flags,
-    latest_checkpoint,
-    parse_with_env,
-    reflector_backend,
-)
+from experiment_args import EvalArguments, UsageError, reflector_backend
+from run_utils import atomic_write_text, cli, inherited_run_flags, latest_checkpoint, parse_with_env
 from training.players import load_players
 from training.rollout import (
     LMPolicy,

@@ -48,8 +48,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from experiment_args import UsageError, cli, parse_args
+from experiment_args import UsageError
 from llm.base import Backend, Generation
+from run_utils import cli, parse_args
 
 # ---------------------------------------------------------------------------------------------------
 # 1. flags

@@ -28,14 +28,8 @@ import torch
 
 from envs.base import Observation
 from envs.taxi import ACTIONS, IN_TAXI, LOCS, TaxiEnv, decode, encode, optimal_actions
-from experiment_args import (
-    PlanCheckArguments,
-    TaxiArguments,
-    atomic_write_text,
-    cli,
-    inherited_env_flags,
-    parse_args,
-)
+from experiment_args import PlanCheckArguments, TaxiArguments
+from run_utils import atomic_write_text, cli, inherited_env_flags, parse_args
 
 PLAN = re.compile(r"Best next action: (.+?)\.")
 

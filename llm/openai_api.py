@@ -13,8 +13,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from experiment_args import UsageError, atomic_write_text
+from experiment_args import UsageError
 from llm.base import Backend, BackendError, Generation, Prompt, parse_choice
+from run_utils import atomic_write_text
 
 
 class OpenAIBackend(Backend):

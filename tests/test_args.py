@@ -13,11 +13,8 @@ from experiment_args import (
     SFTScriptArguments,
     TaxiArguments,
     UsageError,
-    inherited_env_flags,
-    parse_args,
-    parse_with_env,
-    run_env,
 )
+from run_utils import inherited_env_flags, parse_args, parse_with_env, run_env
 
 
 def test_preset_sets_defaults_and_later_sources_win(tmp_path):

@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 
-from experiment_args import BackendArguments, UsageError, parse_args
+from experiment_args import BackendArguments, UsageError
 from llm import make_backend
 from llm.base import parse_choice
 from llm.local import LocalBackend, end_of_turn_id, render_prompt
 from llm.openai_api import OpenAIBackend
+from run_utils import parse_args
 
 CHOICES = ["card arrival", "card activation", "cash withdrawal", "lost card"]  # two share " card"
 CONTEXT = "".join(

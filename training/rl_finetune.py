@@ -34,18 +34,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from experiment_args import (
-    RLArguments,
-    ServedReflectorArguments,
-    UsageError,
-    check_output_dir,
-    cli,
-    parse_with_env,
-    reflector_backend,
-    resolve_resume,
-    resolved_config,
-    save_config,
-)
+from experiment_args import RLArguments, ServedReflectorArguments, UsageError, reflector_backend
+from run_utils import check_output_dir, cli, parse_with_env, resolve_resume, resolved_config, save_config
 from training.players import load_players
 from training.rollout import (
     Episode,

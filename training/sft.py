@@ -23,11 +23,8 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from envs.prompt import action_labels, label_token_ids, prompt_labels
-from experiment_args import (
-    ModelArguments,
-    SFTScriptArguments,
-    SFTTrainingArguments,
-    UsageError,
+from experiment_args import ModelArguments, SFTScriptArguments, SFTTrainingArguments, UsageError
+from run_utils import (
     atomic_write_text,
     check_output_dir,
     cli,

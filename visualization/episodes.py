@@ -29,7 +29,8 @@ from pathlib import Path
 
 from envs.prompt import ACTION_HEAD, ACTIONS_HEAD
 from evaluation.compare import STAGE_ORDER, unique_labels
-from experiment_args import UsageError, atomic_write_text, cli
+from experiment_args import UsageError
+from run_utils import atomic_write_text, cli
 from visualization.jsonl import read_rows
 
 WHAT_TO_PASS = "pass evaluation folders from evaluation.evaluate or run folders from training.rl_finetune"

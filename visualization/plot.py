@@ -24,7 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from evaluation.compare import find_summaries, ordered_stages, read_summary, unique_labels
-from experiment_args import UsageError, cli
+from experiment_args import UsageError
+from run_utils import cli
 from visualization.jsonl import read_rows
 
 WHAT_TO_PASS = "pass run folders from training.rl_finetune or evaluation folders from evaluation.evaluate"

@@ -20,7 +20,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from evaluation.compare import unique_labels
-from experiment_args import UsageError, cli
+from experiment_args import UsageError
+from run_utils import cli
 from visualization.plot import read_metrics, save_png
 
 WHAT_TO_PASS = "pass run folders from python -m evaluation.icrl"

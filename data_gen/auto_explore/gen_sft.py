@@ -24,14 +24,8 @@ from data_gen.auto_explore.reflection import api_messages, rule_reflection
 from data_gen.reflectors import APIReflections
 from data_gen.writer import begin_dataset, write_dataset
 from envs.auto_explore import AutoExploreEnv
-from experiment_args import (
-    AutoExploreArguments,
-    DataGenArguments,
-    ReflectorAPIArguments,
-    UsageError,
-    cli,
-    parse_args,
-)
+from experiment_args import AutoExploreArguments, DataGenArguments, ReflectorAPIArguments, UsageError
+from run_utils import cli, parse_args
 
 
 def run_episode(env: AutoExploreEnv, seed: int, rng: random.Random, args: DataGenArguments, reflect) -> list[dict]:

@@ -29,14 +29,8 @@ from data_gen.reflectors import APIReflections
 from data_gen.taxi.reflection import api_messages, rule_reflection
 from data_gen.writer import begin_dataset, write_dataset
 from envs.taxi import TaxiEnv, optimal_actions, transition
-from experiment_args import (
-    DataGenArguments,
-    ReflectorAPIArguments,
-    TaxiArguments,
-    UsageError,
-    cli,
-    parse_args,
-)
+from experiment_args import DataGenArguments, ReflectorAPIArguments, TaxiArguments, UsageError
+from run_utils import cli, parse_args
 
 TEST_SEED_OFFSET = 1_000_000  # held-out episodes use seeds disjoint from the training ones
 

@@ -17,6 +17,7 @@ repositories are held out for test (``--auto_explore_holdout_repos``).
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import re
@@ -160,7 +161,7 @@ def split_tasks(tasks: list[Task], split: str, seed: int = 0, holdout_repos: tup
 
 
 def save_tasks(tasks: list[Task], path: str | Path) -> None:
-    from experiment_args import atomic_write_text
+    from run_utils import atomic_write_text
 
     atomic_write_text(Path(path), "".join(json.dumps(t.to_json()) + "\n" for t in tasks))
 
@@ -178,3 +179,25 @@ def load_tasks(path: str | Path) -> list[Task]:
         except (json.JSONDecodeError, TypeError) as err:
             raise UsageError(f"--auto_explore_tasks {path}:{number} is not a task record ({err})") from None
     return tasks
+
+
+@functools.lru_cache(maxsize=8)
+def installed_source_dirs(packages: tuple[str, ...]) -> tuple[str, ...]:
+    """The source folders of those ``packages`` that are installed, looked up once per process (RL builds
+    one environment per episode slot, each of which asks)."""
+    import importlib.util
+
+    found = []
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            found.append(str(Path(list(spec.submodule_search_locations)[0]).resolve()))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=8)
+def cached_tasks(repos: tuple[str, ...], tasks_file: str, max_depth: int) -> tuple[Task, ...]:
+    """Every task of ``repos`` (or of ``tasks_file``), generated once per process."""
+    if tasks_file:
+        return tuple(load_tasks(tasks_file))
+    return tuple(t for repo in repos for t in generate_tasks(repo, max_depth=max_depth))

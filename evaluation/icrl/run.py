@@ -38,18 +38,10 @@ from evaluation.icrl.context import (
 )
 from evaluation.icrl.prompts import build_messages, max_context_examples, shown_feedback
 from evaluation.icrl.tasks import TASKS, Task, load_task
-from experiment_args import (
-    BackendArguments,
-    UsageError,
-    atomic_write_text,
-    check_output_dir,
-    cli,
-    parse_args,
-    resolved_config,
-    save_config,
-)
+from experiment_args import BackendArguments, UsageError
 from llm import make_backend
 from llm.base import Backend
+from run_utils import atomic_write_text, check_output_dir, cli, parse_args, resolved_config, save_config
 
 # Constrained decoding stops at the end of a label, so this is only a cap for a backend that cannot
 # constrain (the longest label of the five tasks is about a dozen tokens).
