@@ -119,6 +119,16 @@ def check_numbers(
             raise UsageError(f"--{name} must be in [0, 1], not {value}")
 
 
+# Weights dtypes of a model loaded here: auto is bf16 on a GPU that supports it, else fp32
+# (training.models.resolve_dtype).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
 @dataclass
 class ModelArguments:
     """Which model to load and how (shared by SFT, RL and evaluation)."""
@@ -160,8 +170,7 @@ class ModelArguments:
             raise UsageError(
                 "a quantised base can only be trained through LoRA; drop --use_peft false or the 8/4-bit flag"
             )
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UsageError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        check_dtype(self.dtype)
         if self.lora_r <= 0:
             raise UsageError("--lora_r must be positive")
 
@@ -385,12 +394,36 @@ def env_arguments(name: str) -> type[EnvArguments]:
 
 
 @dataclass
-class BackendArguments:
+class LocalModelArguments:
+    """A local HF model that answers prompts (the in-context methods' ``--backend local``, and evaluation.serve)."""
+
+    model: str = field(
+        default="tiny-gpt2", metadata={"help": "A built-in name (tiny-gpt2, smollm2-135m) or an HF model folder."}
+    )
+    adapter: str = field(
+        default="", metadata={"help": "Local model: a LoRA adapter folder (or a whole fine-tuned model folder)."}
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Local model: weights dtype, float32, bfloat16, float16 or auto (bf16 where the GPU has it)."
+        },
+    )
+    device: str = field(
+        default="auto", metadata={"help": "Local model: auto (cuda if available), cpu, cuda, cuda:1..."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Local model: the most prompts decoded together."})
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise UsageError("--batch_size must be >= 1")
+        check_dtype(self.dtype)
+
+
+@dataclass
+class BackendArguments(LocalModelArguments):
     """Which language model answers the in-context methods: a local HF model or an OpenAI-compatible API."""
 
-    backend: str = field(
-        default="local", metadata={"help": "local (an HF model here) or openai (any compatible API)."}
-    )
     model: str = field(
         default="tiny-gpt2",
         metadata={
@@ -398,8 +431,8 @@ class BackendArguments:
             "(pin a dated one)."
         },
     )
-    adapter: str = field(
-        default="", metadata={"help": "local: a LoRA adapter folder (or a whole fine-tuned model folder)."}
+    backend: str = field(
+        default="local", metadata={"help": "local (an HF model here) or openai (any compatible API)."}
     )
     api_base: str = field(
         default="",
@@ -422,9 +455,6 @@ class BackendArguments:
     price_per_1k_completion: float = field(
         default=0.0, metadata={"help": "openai: USD per 1k completion tokens (cost)."}
     )
-    batch_size: int = field(default=16, metadata={"help": "local: prompts decoded together."})
-    dtype: str = field(default="float32", metadata={"help": "local: float32, bfloat16, float16 or auto."})
-    device: str = field(default="auto", metadata={"help": "local: auto (cuda if available), cpu, cuda, cuda:1..."})
 
     def __post_init__(self):
         if self.backend not in ("local", "openai"):
@@ -441,42 +471,82 @@ class BackendArguments:
             raise UsageError("--timeout must be positive")
         if self.price_per_1k_prompt < 0 or self.price_per_1k_completion < 0:
             raise UsageError("--price_per_1k_prompt and --price_per_1k_completion must be >= 0")
-        if self.batch_size < 1:
-            raise UsageError("--batch_size must be >= 1")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UsageError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        super().__post_init__()
 
 
 @dataclass
 class ReflectorAPIArguments:
-    """An OpenAI-compatible chat model that writes reflections (data generation)."""
+    """The frozen reflector behind an OpenAI-compatible server: ``evaluation.serve --adapter SFT_REFLECTOR``, vLLM
+    on other GPUs, or a hosted model. RL and evaluation take it in place of ``--reflector_path``; data generation
+    (DataGenReflectorArguments, ``--reflector api``) asks it for the reflections of its SFT data."""
+
+    reflector_api_base: str = field(
+        default="",
+        metadata={
+            "help": "Base URL of an OpenAI-compatible server that serves the reflector, e.g. http://127.0.0.1:8000/v1 "
+            "for evaluation.serve (RL and evaluation: instead of --reflector_path; data generation: default the "
+            "openai client's)."
+        },
+    )
+    reflector_model: str = field(default="", metadata={"help": "The served reflector's model name."})
+    reflector_api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "Environment variable holding the server's key (never written or logged)."},
+    )
+    reflector_concurrency: int = field(default=16, metadata={"help": "Reflection requests in flight at once."})
+    reflector_timeout: float = field(default=60.0, metadata={"help": "Seconds before one request times out."})
+    reflector_max_retries: int = field(default=6, metadata={"help": "Retries on 429/5xx/timeouts, with backoff."})
+
+    def __post_init__(self):
+        if self.reflector_api_base and not self.reflector_model:
+            raise UsageError("--reflector_api_base needs --reflector_model, the name the server gives the reflector")
+        if self.reflector_concurrency < 1:
+            raise UsageError("--reflector_concurrency must be >= 1")
+        if self.reflector_max_retries < 0:
+            raise UsageError("--reflector_max_retries must be >= 0")
+        check_numbers(self, positive=("reflector_timeout",))
+
+    def check_served_reflector(self, reflector_path: str) -> None:
+        """RL and evaluation: the served reflector is in place of the one at ``--reflector_path``."""
+        if self.reflector_api_base and reflector_path:
+            raise UsageError("pass --reflector_path or --reflector_api_base, not both")
+
+    def reflector_backend(self, cache_dir=None):
+        """The OpenAIBackend these flags describe; its errors name them."""
+        from llm.openai_api import OpenAIBackend
+
+        return OpenAIBackend(
+            self.reflector_model,
+            base_url=self.reflector_api_base or None,
+            api_key_env=self.reflector_api_key_env,
+            timeout=self.reflector_timeout,
+            max_retries=self.reflector_max_retries,
+            concurrency=self.reflector_concurrency,
+            cache_dir=cache_dir,
+            flag_prefix="reflector_",
+        )
+
+
+@dataclass
+class DataGenReflectorArguments(ReflectorAPIArguments):
+    """Who writes the reflections of SFT data: the built-in rule, or a chat model behind an OpenAI-compatible API
+    (data generation; a hosted model by default, hence its own defaults of the model and of concurrency)."""
 
     reflector: str = field(default="rule", metadata={"help": "Who writes reflections: rule (built-in) or api."})
-    reflector_api_base: str = field(
-        default="", metadata={"help": "Base URL of an OpenAI-compatible server (default: the openai client's)."}
-    )
     reflector_model: str = field(
         default="gpt-4o-mini-2024-07-18", metadata={"help": "Chat model name (pin a dated one)."}
     )
-    reflector_api_key_env: str = field(
-        default="OPENAI_API_KEY", metadata={"help": "Environment variable that holds the API key (never logged)."}
-    )
+    reflector_concurrency: int = field(default=8, metadata={"help": "Reflection requests in flight at once."})
     reflector_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (paper: 0.7)."})
     reflector_max_tokens: int = field(default=150, metadata={"help": "Token cap of one reflection."})
-    reflector_max_retries: int = field(default=6, metadata={"help": "Retries on 429/5xx/timeouts, with backoff."})
-    reflector_timeout: float = field(default=60.0, metadata={"help": "Seconds before one request times out."})
     reflector_cache_dir: str = field(
         default="", metadata={"help": "On-disk response cache; default <output_dir>/../.reflection_cache."}
     )
-    reflector_concurrency: int = field(default=8, metadata={"help": "Reflection requests in flight at once."})
 
     def __post_init__(self):
         if self.reflector not in ("rule", "api"):
             raise UsageError(f"--reflector {self.reflector!r} is not one of rule, api")
-        if self.reflector_max_retries < 0:
-            raise UsageError("--reflector_max_retries must be >= 0")
-        if self.reflector_concurrency < 1:
-            raise UsageError("--reflector_concurrency must be >= 1")
+        super().__post_init__()
 
 
 @dataclass
@@ -624,56 +694,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'experiment_args' has no attribute {name!r}")
 
 
-def reflector_backend(args, cache_dir=None):
-    """The OpenAIBackend of a reflector behind an API, from the ``--reflector_*`` flags that data generation
-    (ReflectorAPIArguments) and RL and evaluation (ServedReflectorArguments) share; errors name those flags."""
-    from llm.openai_api import OpenAIBackend
-
-    return OpenAIBackend(
-        args.reflector_model,
-        base_url=args.reflector_api_base or None,
-        api_key_env=args.reflector_api_key_env,
-        timeout=args.reflector_timeout,
-        max_retries=args.reflector_max_retries,
-        concurrency=args.reflector_concurrency,
-        cache_dir=cache_dir,
-        flag_prefix="reflector_",
-    )
-
-
 @dataclass
-class ServedReflectorArguments:
-    """The frozen reflector behind an OpenAI-compatible server, in place of ``--reflector_path`` (RL and
-    evaluation): ``evaluation.serve --adapter SFT_REFLECTOR``, vLLM on other GPUs, or a hosted model."""
-
-    reflector_api_base: str = field(
-        default="",
-        metadata={
-            "help": "Base URL of an OpenAI-compatible server that serves the reflector (e.g. "
-            "http://127.0.0.1:8000/v1 for evaluation.serve), instead of --reflector_path."
-        },
-    )
-    reflector_model: str = field(default="", metadata={"help": "The served reflector's model name."})
-    reflector_api_key_env: str = field(
-        default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the server's key (never written)."}
-    )
-    reflector_concurrency: int = field(default=16, metadata={"help": "Reflection requests in flight at once."})
-    reflector_timeout: float = field(default=60.0, metadata={"help": "Seconds before one request times out."})
-    reflector_max_retries: int = field(default=6, metadata={"help": "Retries on 429/5xx/timeouts, with backoff."})
-
-    def check_served_reflector(self, reflector_path: str) -> None:
-        if self.reflector_api_base and reflector_path:
-            raise UsageError("pass --reflector_path or --reflector_api_base, not both")
-        if self.reflector_api_base and not self.reflector_model:
-            raise UsageError("--reflector_api_base needs --reflector_model, the name the server gives the reflector")
-        if self.reflector_concurrency < 1 or self.reflector_max_retries < 0 or self.reflector_timeout <= 0:
-            raise UsageError(
-                "--reflector_concurrency must be >= 1, --reflector_max_retries >= 0, --reflector_timeout > 0"
-            )
-
-
-@dataclass
-class RLArguments(ServedReflectorArguments):
+class RLArguments(ReflectorAPIArguments):
     """Online RL of the policy with a frozen reflector (training/rl_finetune.py)."""
 
     output_dir: str = field(
@@ -773,6 +795,7 @@ class RLArguments(ServedReflectorArguments):
             env_arguments(self.env)
         if not self.policy_path:
             raise UsageError("--policy_path is required (an SFT run folder from training.sft)")
+        super().__post_init__()  # the --reflector_api_* flags
         self.check_served_reflector(self.reflector_path)
         if self.reinforce_baseline not in ("none", "mean", "value"):
             raise UsageError(f"--reinforce_baseline {self.reinforce_baseline!r} is not one of none, mean, value")
@@ -840,7 +863,7 @@ class PlanCheckArguments:
 
 
 @dataclass
-class EvalArguments(ServedReflectorArguments):
+class EvalArguments(ReflectorAPIArguments):
     """Evaluation of a trained policy or a reference agent (evaluation/evaluate.py)."""
 
     output_dir: str = field(default="runs/eval", metadata={"help": "Where summary.json and episodes.jsonl go."})
@@ -884,6 +907,7 @@ class EvalArguments(ServedReflectorArguments):
             raise UsageError(f"--agent {self.agent!r} is not one of model, random, oracle")
         if self.agent == "model" and not self.run_dir:
             raise UsageError("--run_dir is required with --agent model (an RL or SFT run folder)")
+        super().__post_init__()  # the --reflector_api_* flags
         self.check_served_reflector(self.reflector_path)
         if self.env:
             env_arguments(self.env)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from experiment_args import ReflectorAPIArguments, reflector_backend
+from experiment_args import DataGenReflectorArguments
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,9 @@ class APIReflections:
     """The ``--reflector api`` side of one data set: ``pending(messages)`` for an episode's steps, then
     ``fill(split, episodes)`` before they are written, and ``stats()`` (request and token counts) at the end."""
 
-    def __init__(self, args: ReflectorAPIArguments, cache_dir: str | Path, data_seed: int):
+    def __init__(self, args: DataGenReflectorArguments, cache_dir: str | Path, data_seed: int):
         self.args, self.data_seed = args, data_seed
-        self.backend = reflector_backend(args, cache_dir)
+        self.backend = args.reflector_backend(cache_dir)
 
     @staticmethod
     def pending(messages: list[dict]) -> PendingReflection:

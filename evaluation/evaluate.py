@@ -26,7 +26,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from experiment_args import EvalArguments, UsageError, reflector_backend
+from experiment_args import EvalArguments, UsageError
 from run_utils import atomic_write_text, cli, inherited_run_flags, latest_checkpoint, parse_with_env
 from training.players import load_players
 from training.rollout import (
@@ -113,7 +113,7 @@ def load_agent(args: EvalArguments):
             args.reflection_temperature,
         )
     elif args.reflector_api_base:
-        reflector = ServedReflector(reflector_backend(args), args.reflection_max_tokens, args.reflection_temperature)
+        reflector = ServedReflector(args.reflector_backend(), args.reflection_max_tokens, args.reflection_temperature)
     meta = {
         "reflection": reflector is not None,
         "policy_path": policy_path,

@@ -48,7 +48,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from experiment_args import UsageError
+from experiment_args import LocalModelArguments, UsageError
 from llm.base import Backend, Generation
 from run_utils import cli, parse_args
 
@@ -69,13 +69,10 @@ class Faults:
 
 
 @dataclass
-class ServeArguments:
-    """Flags of ``python -m evaluation.serve``."""
+class ServeArguments(LocalModelArguments):
+    """Flags of ``python -m evaluation.serve``: the model's (``--model``, ``--adapter``, ``--dtype``, ``--device``,
+    ``--batch_size``, shared with the in-context methods' local backend), then the server's."""
 
-    model: str = field(
-        default="tiny-gpt2", metadata={"help": "A built-in name (tiny-gpt2, smollm2-135m) or an HF model folder."}
-    )
-    adapter: str = field(default="", metadata={"help": "A LoRA adapter folder (or a whole fine-tuned model folder)."})
     host: str = field(
         default="127.0.0.1",
         metadata={"help": "Interface to bind; keep loopback unless needed, and then set --api_key."},
@@ -85,9 +82,6 @@ class ServeArguments:
     api_key: str = field(
         default="", metadata={"help": "Clients must send 'Authorization: Bearer KEY' (401 otherwise); empty: any."}
     )
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto."})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda..."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts decoded together (a list, n, queued requests)."})
     batch_requests: bool = field(
         default=True, metadata={"help": "Decode queued requests with the same sampling settings together."}
     )
@@ -105,6 +99,7 @@ class ServeArguments:
     verbose: bool = field(default=True, metadata={"help": "Print one line per request (never its headers)."})
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port {self.port} is not in 0..65535")
         rates = (
@@ -119,10 +114,6 @@ class ServeArguments:
             raise UsageError("--fault_rate_429 + --fault_rate_500 + --fault_rate_drop must be <= 1")
         if self.fault_delay_s < 0:
             raise UsageError("--fault_delay_s must be >= 0")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UsageError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
-        if self.batch_size < 1:
-            raise UsageError("--batch_size must be >= 1")
         if self.max_queue < 0:
             raise UsageError("--max_queue must be >= 0")
         if self.shutdown_timeout_s < 0:

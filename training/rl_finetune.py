@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from experiment_args import RLArguments, ServedReflectorArguments, UsageError, reflector_backend
+from experiment_args import ReflectorAPIArguments, RLArguments, UsageError
 from run_utils import check_output_dir, cli, parse_with_env, resolve_resume, resolved_config, save_config
 from training.players import load_players
 from training.rollout import (
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # resuming may extend it (--iterations) or change how often it checkpoints and logs episodes.
     ignore = ("num_processes",) + (RESUME_MAY_CHANGE if args.resume_from_checkpoint else ())
     # runs saved before the served reflector existed had its fields at their defaults
-    served = {f.name: f.default for f in dataclasses.fields(ServedReflectorArguments)}
+    served = {f.name: f.default for f in dataclasses.fields(ReflectorAPIArguments)}
     same_run = (
         check_output_dir(output_dir, config, compare_ignore=ignore, added_defaults=served)
         if not args.overwrite_output_dir
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.reflection_temperature,
         )
     elif args.reflector_api_base:
-        reflector = ServedReflector(reflector_backend(args), args.reflection_max_tokens, args.reflection_temperature)
+        reflector = ServedReflector(args.reflector_backend(), args.reflection_max_tokens, args.reflection_temperature)
     params = [p for p in players.policy_model.parameters() if p.requires_grad]
     if value_head is not None:
         params += list(value_head.parameters())

@@ -24,7 +24,7 @@ from data_gen.auto_explore.reflection import api_messages, rule_reflection
 from data_gen.reflectors import APIReflections
 from data_gen.writer import begin_dataset, write_dataset
 from envs.auto_explore import AutoExploreEnv
-from experiment_args import AutoExploreArguments, DataGenArguments, ReflectorAPIArguments, UsageError
+from experiment_args import AutoExploreArguments, DataGenArguments, DataGenReflectorArguments, UsageError
 from run_utils import cli, parse_args
 
 
@@ -71,7 +71,7 @@ def run_episode(env: AutoExploreEnv, seed: int, rng: random.Random, args: DataGe
     return steps
 
 
-def make_reflect(api_args: ReflectorAPIArguments, output_dir: Path, data_seed: int):
+def make_reflect(api_args: DataGenReflectorArguments, output_dir: Path, data_seed: int):
     """``reflect(env, obs)`` for the chosen reflector (the rule's text, or the API request to send later), and
     the :class:`APIReflections` that send them (None for the rule)."""
     if api_args.reflector == "rule":
@@ -83,7 +83,9 @@ def make_reflect(api_args: ReflectorAPIArguments, output_dir: Path, data_seed: i
 
 @cli
 def main(argv: list[str] | None = None) -> Path:
-    data_args, env_args, api_args = parse_args((DataGenArguments, AutoExploreArguments, ReflectorAPIArguments), argv)
+    data_args, env_args, api_args = parse_args(
+        (DataGenArguments, AutoExploreArguments, DataGenReflectorArguments), argv
+    )
     if data_args.swap_rate:
         raise UsageError("--swap_rate is Taxi's (its rule reflector's plan names one move); drop it for auto_explore")
     output_dir, config, done = begin_dataset(data_args, env_args, api_args)

@@ -29,7 +29,7 @@ from data_gen.reflectors import APIReflections
 from data_gen.taxi.reflection import api_messages, rule_reflection
 from data_gen.writer import begin_dataset, write_dataset
 from envs.taxi import TaxiEnv, optimal_actions, transition
-from experiment_args import DataGenArguments, ReflectorAPIArguments, TaxiArguments, UsageError
+from experiment_args import DataGenArguments, DataGenReflectorArguments, TaxiArguments, UsageError
 from run_utils import cli, parse_args
 
 TEST_SEED_OFFSET = 1_000_000  # held-out episodes use seeds disjoint from the training ones
@@ -90,7 +90,7 @@ def run_episode(env: TaxiEnv, seed: int, rng: random.Random, args: DataGenArgume
     return steps
 
 
-def make_reflect(env: TaxiEnv, api_args: ReflectorAPIArguments, output_dir: Path, data_seed: int):
+def make_reflect(env: TaxiEnv, api_args: DataGenReflectorArguments, output_dir: Path, data_seed: int):
     """``reflect(prev_state, action, state, obs)`` for the chosen reflector (the rule's text, or the API request
     to send later), and the :class:`APIReflections` that send them (None for the rule)."""
     if api_args.reflector == "rule":
@@ -106,7 +106,7 @@ def make_reflect(env: TaxiEnv, api_args: ReflectorAPIArguments, output_dir: Path
 
 @cli
 def main(argv: list[str] | None = None) -> Path:
-    data_args, taxi_args, api_args = parse_args((DataGenArguments, TaxiArguments, ReflectorAPIArguments), argv)
+    data_args, taxi_args, api_args = parse_args((DataGenArguments, TaxiArguments, DataGenReflectorArguments), argv)
     if data_args.swap_rate and api_args.reflector != "rule":
         raise UsageError("--swap_rate needs --reflector rule (it rewrites the plan of a rule reflection)")
     output_dir, config, done = begin_dataset(data_args, taxi_args, api_args)
