@@ -9,6 +9,7 @@ same fields; flags given on the command line win. Nothing here imports ``run_uti
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -380,10 +381,125 @@ class AutoExploreArguments(EnvArguments):
         )
 
 
+ALFWORLD_TASK_TYPES = (
+    "pick_and_place_simple",
+    "look_at_obj_in_light",
+    "pick_clean_then_place_in_recep",
+    "pick_heat_then_place_in_recep",
+    "pick_cool_then_place_in_recep",
+    "pick_two_obj_and_place",
+)  # envs.alfworld.TASK_TYPES (a test checks)
+
+
+@dataclass
+class AlfWorldArguments(EnvArguments):
+    """ALFWorld options (envs/alfworld/): generated or official games, task types, the episode rules."""
+
+    name: ClassVar[str] = "alfworld"
+    prefix: ClassVar[str] = "alfworld_"
+    # all: every task type together; one task type alone (the paper used pick_and_place_simple)
+    stages: ClassVar[tuple[str, ...]] = ("all", *ALFWORLD_TASK_TYPES)
+
+    alfworld_stage: str = field(
+        default="all", metadata={"help": "Task type: all, or one of " + ", ".join(ALFWORLD_TASK_TYPES) + "."}
+    )
+    alfworld_data: str = field(
+        default="",
+        metadata={
+            "help": "Official ALFWorld data (the folder alfworld-download fills, with json_2.1.1/): its train, "
+            "valid_seen (validation) and valid_unseen (test) games are played. Default: $ALFWORLD_DATA where it "
+            "holds json_2.1.1/, else games generated offline; 'generated' forces generated games."
+        },
+    )
+    alfworld_games_dir: str = field(
+        default="",
+        metadata={"help": "Where generated games are written once and reused; default $REFLECT_RL_CACHE/alfworld."},
+    )
+    alfworld_train_games: int = field(default=40, metadata={"help": "Generated training games per task type."})
+    alfworld_eval_games: int = field(
+        default=10, metadata={"help": "Generated validation and test games per task type (each)."}
+    )
+    alfworld_seed: int = field(default=0, metadata={"help": "Seed of the game generator."})
+    alfworld_max_receptacles: int = field(default=8, metadata={"help": "Receptacles in a generated room (at most)."})
+    alfworld_horizon: int = field(default=15, metadata={"help": "Steps before truncation (paper: 15; GiGPO: 50)."})
+    alfworld_history: int = field(
+        default=4, metadata={"help": "Previous steps (action, observation) shown in the observation."}
+    )
+    alfworld_step_timeout: float = field(
+        default=60.0,
+        metadata={"help": "Seconds the engine may take for a load or a step; past it the game is marked bad."},
+    )
+
+    def __post_init__(self):
+        if self.alfworld_stage not in self.stages:
+            raise UsageError(f"--alfworld_stage {self.alfworld_stage!r} is not one of {', '.join(self.stages)}")
+        for name in ("alfworld_train_games", "alfworld_eval_games", "alfworld_horizon", "alfworld_max_receptacles"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be positive")
+        if self.alfworld_history < 0:
+            raise UsageError("--alfworld_history must be >= 0")
+        check_numbers(self, positive=("alfworld_step_timeout",))
+        if self.alfworld_max_receptacles < 4:
+            raise UsageError("--alfworld_max_receptacles must be at least 4 (a task can need four receptacles)")
+        official = os.environ.get("ALFWORLD_DATA", "")
+        if not self.alfworld_data and official and (Path(official) / "json_2.1.1").is_dir():
+            self.alfworld_data = official  # recorded in config.yaml like any flag
+        if self.alfworld_data and self.alfworld_data != "generated":
+            if not (Path(self.alfworld_data) / "json_2.1.1").is_dir():
+                raise UsageError(
+                    f"--alfworld_data {self.alfworld_data} has no json_2.1.1/ folder (run alfworld-download where "
+                    "there is internet, or pass --alfworld_data generated)"
+                )
+
+    @property
+    def stage(self) -> str:
+        return self.alfworld_stage
+
+    @property
+    def official(self) -> bool:
+        return bool(self.alfworld_data) and self.alfworld_data != "generated"
+
+    def games(self, stage: str | None = None, split: str = "train") -> list:
+        """The games of ``split`` of ``stage``'s task types (generated on first use, then read from disk)."""
+        from envs.alfworld import generate_games, generated_games, official_games
+        from envs.alfworld.generator import default_games_dir
+
+        stage = stage or self.alfworld_stage
+        task_types = ALFWORLD_TASK_TYPES if stage == "all" else (stage,)
+        if self.official:
+            games = list(official_games(self.alfworld_data, split, task_types))
+        else:
+            settings = {
+                "counts": {"train": self.alfworld_train_games}
+                | {"validation": self.alfworld_eval_games, "test": self.alfworld_eval_games},
+                "seed": self.alfworld_seed,
+                "max_receptacles": self.alfworld_max_receptacles,
+            }
+            folder = self.alfworld_games_dir or default_games_dir(settings)
+            files = generate_games(folder, **settings, engine_timeout=max(self.alfworld_step_timeout, 60.0))
+            games = [g for g in generated_games(files[split]) if g.task_type in task_types]
+        if not games:
+            where = self.alfworld_data if self.official else "the generated set"
+            raise UsageError(f"ALFWorld has no {split} games of stage {stage} in {where}; pass other --alfworld_stage")
+        return games
+
+    def make_env(self, stage: str | None = None, split: str = "train"):
+        from envs.alfworld import AlfWorldEnv
+
+        return AlfWorldEnv(
+            self.games(stage, split),
+            horizon=self.alfworld_horizon,
+            history=self.alfworld_history,
+            step_timeout=self.alfworld_step_timeout,
+            stage=stage or self.alfworld_stage,
+        )
+
+
 # --env name -> its argument dataclass; an environment is added here and in envs.ENVS.
 ENV_ARGUMENTS: dict[str, type[EnvArguments]] = {
     TaxiArguments.name: TaxiArguments,
     AutoExploreArguments.name: AutoExploreArguments,
+    AlfWorldArguments.name: AlfWorldArguments,
 }
 
 

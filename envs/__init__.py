@@ -4,10 +4,11 @@
 tasks, classification bandits, Game of 24) are added here.
 """
 
+from envs.alfworld import AlfWorldEnv
 from envs.auto_explore import AutoExploreEnv
 from envs.base import Observation, TextEnv
 from envs.taxi import TaxiEnv
 
-ENVS: dict[str, type[TextEnv]] = {"taxi": TaxiEnv, "auto_explore": AutoExploreEnv}
+ENVS: dict[str, type[TextEnv]] = {"taxi": TaxiEnv, "auto_explore": AutoExploreEnv, "alfworld": AlfWorldEnv}
 
-__all__ = ["ENVS", "AutoExploreEnv", "Observation", "TextEnv", "TaxiEnv"]
+__all__ = ["ENVS", "AlfWorldEnv", "AutoExploreEnv", "Observation", "TextEnv", "TaxiEnv"]

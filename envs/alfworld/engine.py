@@ -118,7 +118,7 @@ def _serve(conn) -> None:
 
 
 def main() -> None:
-    """The worker's entry point: ``python -m envs.alfworld.engine READ_FD WRITE_FD``."""
+    """The worker's entry point: ``python -m envs.alfworld.worker READ_FD WRITE_FD``."""
     read_fd, write_fd = int(sys.argv[1]), int(sys.argv[2])
     _serve(_Pipe(Connection(read_fd, writable=False), Connection(write_fd, readable=False)))
 
@@ -154,12 +154,12 @@ class Engine:
         self.starts = 0  # workers started so far (1 unless faults forced restarts)
 
     def _start(self) -> None:
-        # A fresh interpreter (`python -m envs.alfworld.engine`), not multiprocessing: spawn and forkserver
+        # A fresh interpreter (`python -m envs.alfworld.worker`), not multiprocessing: spawn and forkserver
         # re-import the parent's main module (torch and all) in every worker, and fork copies torch's threads.
         from_parent, to_child = os.pipe()  # (read end, write end)
         from_child, to_parent = os.pipe()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "envs.alfworld.engine", str(from_parent), str(to_parent)],
+            [sys.executable, "-m", "envs.alfworld.worker", str(from_parent), str(to_parent)],
             pass_fds=(from_parent, to_parent),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -221,7 +221,3 @@ class Engine:
             self.close()
         except Exception:
             pass
-
-
-if __name__ == "__main__":
-    main()

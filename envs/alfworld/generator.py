@@ -22,7 +22,9 @@ floor plans with other placements (``valid_seen``); no problem text appears in t
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -64,20 +66,27 @@ def floor_plan_split(number: int) -> str:
 
 @cache
 def wheel() -> dict:
-    """What the ``alfworld`` wheel provides: the domain, the grammar, the layouts folder and ALFRED's tables."""
-    try:
-        import alfworld
-        import alfworld.gen.constants as constants
-        import alfworld.gen.goal_library as goals
-    except ImportError as err:  # pragma: no cover - the package is a dependency
-        raise ImportError("ALFWorld needs the alfworld package: pip install --no-deps alfworld==0.4.2") from err
-    root = Path(alfworld.__file__).parent
+    """What the ``alfworld`` wheel provides: the domain, the grammar, the layouts folder and ALFRED's tables.
+
+    Its modules are loaded from their files: importing the ``alfworld`` package itself creates ``~/.cache/alfworld``
+    and sets ``$ALFWORLD_DATA`` to it, which would then read as official data being present."""
+    spec = importlib.util.find_spec("alfworld")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("ALFWorld needs the alfworld package: pip install --no-deps alfworld==0.4.2")
+    root = Path(spec.submodule_search_locations[0])
+
+    def load(relative: str, name: str):
+        module_spec = importlib.util.spec_from_file_location(name, root / relative)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module
+
     return {
         "domain": (root / "data" / "alfred.pddl").read_text(),
         "grammar": (root / "data" / "alfred.twl2").read_text(),
         "layouts": root / "gen" / "layouts",
-        "constants": constants,
-        "goals": goals.gdict,
+        "constants": load("gen/constants.py", "_alfworld_constants"),
+        "goals": load("gen/goal_library.py", "_alfworld_goal_library").gdict,
     }
 
 
@@ -297,6 +306,13 @@ def problem_hash(problem_text: str) -> str:
     return hashlib.sha1(body.encode()).hexdigest()
 
 
+def default_games_dir(settings: dict) -> Path:
+    """``$REFLECT_RL_CACHE/alfworld/games-<hash of the settings>`` (``~/.cache/reflect_rl`` without the variable)."""
+    key = hashlib.sha1(json.dumps([GENERATOR_VERSION, settings], sort_keys=True).encode()).hexdigest()[:12]
+    root = os.path.expanduser(os.environ.get("REFLECT_RL_CACHE") or "~/.cache/reflect_rl")
+    return Path(root) / "alfworld" / f"games-{key}"
+
+
 def generate_games(
     folder: str | Path,
     task_types: tuple[str, ...] = TASK_TYPES,
@@ -310,9 +326,6 @@ def generate_games(
     ``counts`` is games per task type per split (default train 40, validation 10, test 10). Folders written
     before with the same settings are reused (``folder/manifest.json``); a different setting rewrites them.
     """
-    from envs.alfworld.engine import Engine
-    from envs.alfworld.expert import play_expert
-
     counts = counts or {"train": 40, "validation": 10, "test": 10}
     folder = Path(folder)
     settings = {
@@ -323,10 +336,21 @@ def generate_games(
         "max_receptacles": max_receptacles,
     }
     manifest = folder / "manifest.json"
-    if manifest.exists():
-        saved = json.loads(manifest.read_text())
-        if saved.get("settings") == settings:
-            return {split: [folder / p for p in paths] for split, paths in saved["games"].items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one generator per folder; the others wait and then reuse its games
+        if manifest.exists():
+            saved = json.loads(manifest.read_text())
+            if saved.get("settings") == settings:
+                return {split: [folder / p for p in paths] for split, paths in saved["games"].items()}
+        return _generate(folder, settings, task_types, counts, seed, max_receptacles, engine_timeout)
+
+
+def _generate(folder, settings, task_types, counts, seed, max_receptacles, engine_timeout) -> dict[str, list[Path]]:
+    from envs.alfworld.engine import Engine
+    from envs.alfworld.expert import play_expert
+
+    manifest = folder / "manifest.json"
     games: dict[str, list[str]] = {}
     seen: set[str] = set()
     engine = Engine(timeout=engine_timeout)
