@@ -12,7 +12,11 @@ import sys
 from experiment_args import UsageError
 from run_utils import cli
 
-GENERATORS = {"taxi": "data_gen.taxi.gen_sft", "auto_explore": "data_gen.auto_explore.gen_sft"}
+GENERATORS = {
+    "taxi": "data_gen.taxi.gen_sft",
+    "auto_explore": "data_gen.auto_explore.gen_sft",
+    "alfworld": "data_gen.alfworld.gen_sft",
+}
 
 
 @cli

@@ -191,6 +191,15 @@ class AlfWorldEnv(TextEnv):
         info = {"success": won, "invalid_action": invalid, "task_type": self.game.task_type, "fault": fault}
         return self.observation(), 1.0 if won else 0.0, terminated, truncated, info
 
+    def copy_into(self, other: AlfWorldEnv) -> None:
+        """Put ``other`` (another environment, with its own engine) in this episode's state by replaying its
+        commands: the branch of a negative example (an engine process cannot be deep-copied)."""
+        other.state = other.engine.load(self.game.path)
+        for command, _ in self.path:
+            other.state = other.engine.step(command)
+        other.game, other.intro, other.path = self.game, self.intro, list(self.path)
+        other.steps, other.done = self.steps, self.done
+
     # -- expert and state ---------------------------------------------------------------------------------
     def oracle_action(self) -> int:
         """The expert's command (:func:`envs.alfworld.expert.expert_command`); ``look`` if it sees no way."""

@@ -1,0 +1,1 @@
+"""ALFWorld SFT data: the expert with random actions, negative examples, rule or API reflections."""
