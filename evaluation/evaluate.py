@@ -9,7 +9,8 @@ The episodes are the same for every run (``--seed``), and they go through ``trai
 the function RL trains with. Writes ``summary.json`` (per stage: success rate with a 95% interval
 that resamples start states, since episodes from one start are not independent tests, and the Wilson
 interval over episodes; distinct start states; mean return and length; invalid-action rate) and
-``episodes.jsonl`` (full transcripts with reflections).
+``episodes.jsonl`` (full transcripts with reflections). An environment that counts engine faults (ALFWorld's
+crashed, hung or broken games, skipped) adds them per stage as ``engine_faults``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import random
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -206,17 +208,21 @@ def main(argv: list[str] | None = None) -> dict:
                     episodes += batch
                     bar.update(len(batch))
                 bar.close()
+                faults: Counter = Counter()  # games an engine failed on (ALFWorld), skipped: {} elsewhere
                 for env in envs:
+                    faults.update(getattr(env, "faults", {}))
                     env.close()
                 for ep in episodes:
                     transcripts.write(json.dumps(ep.transcript()) + "\n")
-                summary["stages"][stage] = summarise(episodes)
+                summary["stages"][stage] = summarise(episodes) | {"engine_faults": dict(faults)}
                 s = summary["stages"][stage]
                 print(
                     f"{summary['name']} {stage}: success {s['success_rate']:.3f} "
                     f"[{s['success_ci95'][0]:.3f}, {s['success_ci95'][1]:.3f}], return {s['return_mean']:.3f}, "
                     f"length {s['length_mean']:.2f}"
                 )
+                if faults:
+                    print(f"  engine faults (games marked bad and skipped): {dict(faults)}")
                 for tag, values in s["success_by"].items():
                     rates = ", ".join(f"{v} {r['success_rate']:.3f} (n={r['episodes']})" for v, r in values.items())
                     print(f"  by {tag}: {rates}")

@@ -204,10 +204,22 @@ def test_data_sft_rl_and_evaluation_with_env_alfworld(games_dir, tmp_path):
         + ["--output_dir", str(tmp_path / "rl"), "--iterations", "1", "--num_envs", "2", "--report_to", "none"]
         + ["--reflection_max_tokens", "3"]
     )
-    assert len(history) == 1 and history[0]["env/prompts_cut"] == 0
+    assert len(history) == 1 and history[0]["env/prompts_cut"] == 0 and history[0]["env/engine_faults"] == 0
     summary = evaluate.main(
         ["--run_dir", str(tmp_path / "rl"), "--output_dir", str(tmp_path / "eval"), "--num_episodes", "2"]
     )
     assert summary["env"] == "alfworld" and summary["split"] == "test"
     by = summary["stages"]["all"]["success_by"]["task_type"]
     assert sum(v["episodes"] for v in by.values()) == 2 and set(by) <= set(TASK_TYPES)
+    assert summary["stages"]["all"]["engine_faults"] == {}
+    # a broken test game does not stop an evaluation: it is skipped and counted
+    games = tmp_path / "games"
+    shutil.copytree(games_dir, games)
+    broken = json.loads((games / "manifest.json").read_text())["games"]["test"][0]
+    (games / broken).write_text("{not json")
+    summary = evaluate.main(
+        ["--agent", "oracle", "--env", "alfworld", "--alfworld_games_dir", str(games), *SMALL]
+        + ["--output_dir", str(tmp_path / "oracle"), "--num_episodes", "2", "--batch_size", "1"]
+    )
+    stage = summary["stages"]["all"]
+    assert stage["engine_faults"] == {"broken": 1} and stage["success_rate"] == 1.0

@@ -585,11 +585,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 bootstrap=value_head is not None,
             )
         cut = [prompts_cut(policy, reflector) - cut_before]  # prompts longer than the window, cut from the left
+        # games an engine failed on (ALFWorld: crash, timeout, broken file), marked bad and skipped; 0 elsewhere
+        faults = [sum(sum(getattr(env, "faults", {}).values()) for group in envs_by_stage.values() for env in group)]
         if world > 1:
             from accelerate.utils import gather_object
 
             episodes = gather_object(episodes)  # in process order: the same list on every process
             cut = gather_object(cut)
+            faults = gather_object(faults)
         rollout_s = time.time() - t0
         stats = episode_stats(episodes)
         batch = list(episodes)
@@ -721,6 +724,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "timing/update_s": update_s,
             "env/steps_per_s": stats["env/steps"] / max(rollout_s, 1e-9),
             "env/prompts_cut": sum(cut),
+            "env/engine_faults": sum(faults),  # so far in the run
         }
         scored, computed = policy.rows_scored - rows_before[0], policy.rows_computed - rows_before[1]
         row["timing/policy_rows_deduplicated"] = 1 - computed / max(scored, 1)  # identical prompts run once

@@ -54,14 +54,15 @@ class Game:
 
 
 def generated_games(paths: list[str | Path]) -> list[Game]:
-    """Games of generated files (their goal is in the file); unreadable files keep a placeholder goal so that
-    the engine, not this listing, finds them broken."""
+    """Games of generated files (their goal is in the file). An unreadable file keeps the task type of its folder
+    (``<split>/<task_type>/<i>/game.tw-pddl``) and no goal, so that the engine, not this listing, finds it broken
+    and it is counted like any bad game."""
     games = []
     for path in paths:
         try:
             goal = json.loads(Path(path).read_text())["goal"]
         except (OSError, ValueError, KeyError, TypeError):
-            goal = {"task_type": "unknown", "object_target": ""}
+            goal = {"task_type": Path(path).parent.parent.name, "object_target": ""}
         games.append(Game(str(path), **{k: goal.get(k, "") for k in Game.__dataclass_fields__ if k != "path"}))
     return games
 
