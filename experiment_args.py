@@ -495,11 +495,68 @@ class AlfWorldArguments(EnvArguments):
         )
 
 
+@dataclass
+class TextWorldArguments(EnvArguments):
+    """TextWorld options (envs/textworld_env.py): the generator's settings and the episode rules."""
+
+    name: ClassVar[str] = "textworld"
+    prefix: ClassVar[str] = "textworld_"
+    stages: ClassVar[tuple[str, ...]] = ("all",)
+
+    textworld_games_dir: str = field(
+        default="",
+        metadata={"help": "Where generated games are written once and reused; default $REFLECT_RL_CACHE/textworld."},
+    )
+    textworld_train_games: int = field(default=50, metadata={"help": "Training games."})
+    textworld_eval_games: int = field(default=10, metadata={"help": "Validation and test games (each)."})
+    textworld_seed: int = field(default=0, metadata={"help": "Seed of the game generator."})
+    textworld_world_size: int = field(default=3, metadata={"help": "Rooms of a game."})
+    textworld_nb_objects: int = field(default=6, metadata={"help": "Objects of a game."})
+    textworld_quest_length: int = field(default=3, metadata={"help": "Actions the quest needs at least."})
+    textworld_horizon: int = field(default=15, metadata={"help": "Steps before truncation."})
+    textworld_history: int = field(
+        default=4, metadata={"help": "Previous steps (command, answer) shown in the observation."}
+    )
+
+    def __post_init__(self):
+        for name in (
+            "textworld_train_games",
+            "textworld_eval_games",
+            "textworld_world_size",
+            "textworld_nb_objects",
+            "textworld_quest_length",
+            "textworld_horizon",
+        ):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be positive")
+        if self.textworld_history < 0:
+            raise UsageError("--textworld_history must be >= 0")
+
+    def games(self, split: str = "train") -> list:
+        from envs.textworld_env import default_games_dir, generate_games
+
+        eval_games = self.textworld_eval_games
+        settings = {
+            "counts": {"train": self.textworld_train_games, "validation": eval_games, "test": eval_games},
+            "seed": self.textworld_seed,
+            "world_size": self.textworld_world_size,
+            "nb_objects": self.textworld_nb_objects,
+            "quest_length": self.textworld_quest_length,
+        }
+        return generate_games(self.textworld_games_dir or default_games_dir(settings), **settings)[split]
+
+    def make_env(self, stage: str | None = None, split: str = "train"):
+        from envs.textworld_env import TextWorldEnv
+
+        return TextWorldEnv(self.games(split), horizon=self.textworld_horizon, history=self.textworld_history)
+
+
 # --env name -> its argument dataclass; an environment is added here and in envs.ENVS.
 ENV_ARGUMENTS: dict[str, type[EnvArguments]] = {
     TaxiArguments.name: TaxiArguments,
     AutoExploreArguments.name: AutoExploreArguments,
     AlfWorldArguments.name: AlfWorldArguments,
+    TextWorldArguments.name: TextWorldArguments,
 }
 
 

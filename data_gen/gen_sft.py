@@ -16,6 +16,7 @@ GENERATORS = {
     "taxi": "data_gen.taxi.gen_sft",
     "auto_explore": "data_gen.auto_explore.gen_sft",
     "alfworld": "data_gen.alfworld.gen_sft",
+    "textworld": "data_gen.textworld.gen_sft",
 }
 
 

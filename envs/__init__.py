@@ -8,7 +8,13 @@ from envs.alfworld import AlfWorldEnv
 from envs.auto_explore import AutoExploreEnv
 from envs.base import Observation, TextEnv
 from envs.taxi import TaxiEnv
+from envs.textworld_env import TextWorldEnv
 
-ENVS: dict[str, type[TextEnv]] = {"taxi": TaxiEnv, "auto_explore": AutoExploreEnv, "alfworld": AlfWorldEnv}
+ENVS: dict[str, type[TextEnv]] = {
+    "taxi": TaxiEnv,
+    "auto_explore": AutoExploreEnv,
+    "alfworld": AlfWorldEnv,
+    "textworld": TextWorldEnv,
+}
 
-__all__ = ["ENVS", "AlfWorldEnv", "AutoExploreEnv", "Observation", "TextEnv", "TaxiEnv"]
+__all__ = ["ENVS", "AlfWorldEnv", "AutoExploreEnv", "Observation", "TextEnv", "TaxiEnv", "TextWorldEnv"]

@@ -28,9 +28,10 @@ from run_utils import cli, parse_args
 def run_episode(
     env: AlfWorldEnv, branch: AlfWorldEnv, seed: int, rng: random.Random, args: DataGenArguments, reflect
 ) -> list[dict]:
-    """One episode as labelled steps ``{obs, reflection, label, kind, step, meta}``."""
+    """One episode as labelled steps ``{obs, reflection, label, kind, step, meta}``. TextWorld's data use it too:
+    any environment with ``oracle_action``, ``done``, ``steps`` and ``copy_into`` (a replayed branch)."""
     obs = env.reset(seed=seed)
-    meta = {"task_type": env.game.task_type}
+    meta = dict(obs.extra.get("tags", {}))  # the task type
     steps, detour = [], None
     while not env.done:
         best = env.oracle_action()
