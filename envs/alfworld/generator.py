@@ -347,10 +347,14 @@ def generate_games(
 
 
 def _generate(folder, settings, task_types, counts, seed, max_receptacles, engine_timeout) -> dict[str, list[Path]]:
+    from tqdm import tqdm
+
     from envs.alfworld.engine import Engine
     from envs.alfworld.expert import play_expert
 
     manifest = folder / "manifest.json"
+    bar = tqdm(total=sum(counts.get(s, 0) for s in ("train", "validation", "test")) * len(task_types))
+    bar.set_description(f"generating ALFWorld games in {folder}")
     games: dict[str, list[str]] = {}
     seen: set[str] = set()
     engine = Engine(timeout=engine_timeout)
@@ -382,8 +386,10 @@ def _generate(folder, settings, task_types, counts, seed, max_receptacles, engin
                     seen.add(key)
                     games[split].append(str(path.relative_to(folder)))
                     made += 1
+                    bar.update(1)
     finally:
         engine.close()
+        bar.close()
     tmp = manifest.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"settings": settings, "games": games}, indent=1))
     tmp.replace(manifest)
