@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from envs.alfworld.env import with_previous_path
 from envs.base import Observation, TextEnv
 
 GENERATOR_VERSION = 1
@@ -146,15 +147,7 @@ class TextWorldEnv(TextEnv):
         return actions
 
     def observation(self) -> Observation:
-        text = self.intro
-        shown = self.path[-self.history :] if self.history else []
-        if shown:
-            first = len(self.path) - len(shown) + 1
-            steps = "".join(
-                f"--- Step: {first + i} ---\nAction: {command}\nObservation: {feedback}\n\n"
-                for i, (command, feedback) in enumerate(shown)
-            )
-            text += "\n\nHere is the previous path:\n" + steps.rstrip()
+        text = with_previous_path(self.intro, self.path, self.history)
         return Observation(text, self.current_actions(), {"tags": {"game": Path(self.game).stem}})
 
     def step(self, action: int | None) -> tuple[Observation, float, bool, bool, dict[str, Any]]:

@@ -67,27 +67,27 @@ def run_episode(
     return steps
 
 
-def make_reflect(api_args: DataGenReflectorArguments, output_dir: Path, data_seed: int):
-    """``reflect(env, obs, detour)`` for the chosen reflector (the rule's text, or the API request to send later),
-    and the :class:`APIReflections` that send them (None for the rule)."""
+def make_reflect(api_args: DataGenReflectorArguments, output_dir: Path, data_seed: int, rule, messages):
+    """``reflect(env, obs, detour)`` for the chosen reflector (``rule(env, detour)``'s text, or the API request
+    ``messages(env, state_text)`` to send later), and the :class:`APIReflections` that send them (None: rule)."""
     if api_args.reflector == "rule":
-        return (lambda env, obs, detour: rule_reflection(env, detour)), None
+        return (lambda env, obs, detour: rule(env, detour)), None
     cache = Path(api_args.reflector_cache_dir or output_dir.parent / ".reflection_cache")
     api = APIReflections(api_args, cache, data_seed)
-    return (lambda env, obs, detour: api.pending(api_messages(env, obs.text))), api
+    return (lambda env, obs, detour: api.pending(messages(env, obs.text))), api
 
 
-@cli
-def main(argv: list[str] | None = None) -> Path:
-    data_args, env_args, api_args = parse_args((DataGenArguments, AlfWorldArguments, DataGenReflectorArguments), argv)
+def generate(argv: list[str] | None, env_class, rule, messages) -> Path:
+    """The data set of a game environment played with :func:`run_episode` (ALFWorld's; TextWorld's too)."""
+    data_args, env_args, api_args = parse_args((DataGenArguments, env_class, DataGenReflectorArguments), argv)
     if data_args.swap_rate:
-        raise UsageError("--swap_rate is Taxi's (its rule reflector's plan names one move); drop it for alfworld")
+        raise UsageError(f"--swap_rate is Taxi's (its rule reflector names a move); drop it for {env_class.name}")
     output_dir, config, done = begin_dataset(data_args, env_args, api_args)
     if done:
         return output_dir
     envs = {split: env_args.make_env(split=split) for split in ("train", "test")}
     branch = env_args.make_env(split="train")  # replays any game of either split
-    reflect, api = make_reflect(api_args, output_dir, data_args.seed)
+    reflect, api = make_reflect(api_args, output_dir, data_args.seed, rule, messages)
     rng = random.Random(data_args.seed)
 
     def episode(split: str, i: int) -> list[dict]:
@@ -99,13 +99,18 @@ def main(argv: list[str] | None = None) -> Path:
             config,
             {"train": data_args.num_episodes, "test": data_args.num_test_episodes},
             episode,
-            desc="alfworld",
+            desc=env_class.name,
             stats={"games": {split: len(env.games) for split, env in envs.items()}},
             api_reflections=api,
         )
     finally:
         for env in (*envs.values(), branch):
             env.close()
+
+
+@cli
+def main(argv: list[str] | None = None) -> Path:
+    return generate(argv, AlfWorldArguments, rule_reflection, api_messages)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,13 @@ def rule_reflection(env: AlfWorldEnv, detour: str | None = None) -> str:
     return f"{detour} did not help. {plan}" if detour else plan
 
 
-def api_messages(env: AlfWorldEnv, state_text: str) -> list[dict]:
-    """A request in the shape of the paper's reflection prompts, with the expert's command as a spoiler."""
+def api_messages(env: AlfWorldEnv, state_text: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
+    """A request in the shape of the paper's reflection prompts, with the expert's command as a spoiler (any
+    environment with an expert: TextWorld's requests are these with its own system prompt)."""
     best = env.current_actions()[env.oracle_action()]
     user = (
         f"------ State ------\n{state_text}\n\n"
         f"--- Spoiler: the best command to run next is {best} ---\n\n"
         "------ Analyze the situation and plan what to do next (at most 50 words) ---"
     )
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]

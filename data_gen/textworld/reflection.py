@@ -8,6 +8,7 @@ napkin."``
 from __future__ import annotations
 
 from data_gen.alfworld.reflection import SYSTEM_PROMPT as ALFWORLD_SYSTEM_PROMPT
+from data_gen.alfworld.reflection import api_messages as alfworld_messages
 from envs.textworld_env import TextWorldEnv
 
 SYSTEM_PROMPT = ALFWORLD_SYSTEM_PROMPT.replace("a household task", "the quest")
@@ -22,10 +23,4 @@ def rule_reflection(env: TextWorldEnv, detour: str | None = None) -> str:
 
 
 def api_messages(env: TextWorldEnv, state_text: str) -> list[dict]:
-    best = env.current_actions()[env.oracle_action()]
-    user = (
-        f"------ State ------\n{state_text}\n\n"
-        f"--- Spoiler: the best command to run next is {best} ---\n\n"
-        "------ Analyze the situation and plan what to do next (at most 50 words) ---"
-    )
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    return alfworld_messages(env, state_text, SYSTEM_PROMPT)

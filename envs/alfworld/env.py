@@ -97,6 +97,20 @@ def official_games(root: str, split: str, task_types: tuple[str, ...] = TASK_TYP
     return tuple(games)
 
 
+def with_previous_path(intro: str, path: list[tuple[str, str]], history: int) -> str:
+    """``intro``, then the paper's "Here is the previous path:" with the last ``history`` of the episode's
+    (command, answer) steps, numbered from the episode's start."""
+    shown = path[-history:] if history else []
+    if not shown:
+        return intro
+    first = len(path) - len(shown) + 1
+    steps = "".join(
+        f"--- Step: {first + i} ---\nAction: {command}\nObservation: {feedback}\n\n"
+        for i, (command, feedback) in enumerate(shown)
+    )
+    return f"{intro}\n\nHere is the previous path:\n{steps.rstrip()}"
+
+
 class AlfWorldEnv(TextEnv):
     has_expert = True
 
@@ -159,15 +173,7 @@ class AlfWorldEnv(TextEnv):
         return actions
 
     def observation(self) -> Observation:
-        text = self.intro
-        shown = self.path[-self.history :] if self.history else []
-        if shown:
-            first = len(self.path) - len(shown) + 1
-            steps = "".join(
-                f"--- Step: {first + i} ---\nAction: {command}\nObservation: {feedback}\n\n"
-                for i, (command, feedback) in enumerate(shown)
-            )
-            text += "\n\nHere is the previous path:\n" + steps.rstrip()
+        text = with_previous_path(self.intro, self.path, self.history)
         return Observation(text, self.current_actions(), {"tags": {"task_type": self.game.task_type}})
 
     def step(self, action: int | None) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
