@@ -118,7 +118,12 @@ class TextWorldEnv(TextEnv):
         self.done = True
 
     def _start(self):
+        import warnings
+
         import textworld
+
+        # Jericho knows TextWorld's games by no hash and says it cannot track score or moves; TextWorld tracks them
+        warnings.filterwarnings("ignore", message="Game .* is not fully supported")
 
         infos = textworld.EnvInfos(
             admissible_commands=True, won=True, lost=True, policy_commands=True, objective=True, description=True
