@@ -723,6 +723,33 @@ class DataGenReflectorArguments(ReflectorAPIArguments):
 
 
 @dataclass
+class LLMTaskArguments:
+    """AutoExplore tasks written by a language model (python -m data_gen.auto_explore.llm_tasks)."""
+
+    output_file: str = field(
+        default="", metadata={"help": "The task list (JSONL) to write; pass it later as --auto_explore_tasks."}
+    )
+    max_files: int = field(default=100, metadata={"help": "Files asked about per repository (the paper's 100)."})
+    questions_per_file: int = field(default=2, metadata={"help": "Question/answer pairs asked for per file."})
+    excerpt_chars: int = field(
+        default=6000, metadata={"help": "Characters of the line block shown (the paper: ~2000 tokens)."}
+    )
+    min_chars: int = field(default=200, metadata={"help": "Files shorter than this are skipped (~50 tokens)."})
+    max_tokens: int = field(default=400, metadata={"help": "Tokens the model may answer with, per file."})
+    temperature: float = field(default=0.0, metadata={"help": "0: greedy (cached by the API backend)."})
+    seed: int = field(default=0, metadata={"help": "Which files and line blocks are picked (and sampling seeds)."})
+
+    def __post_init__(self):
+        if not self.output_file:
+            raise UsageError("--output_file is required: where the task list goes")
+        check_numbers(
+            self,
+            positive=("max_files", "questions_per_file", "excerpt_chars", "max_tokens"),
+            non_negative=("min_chars", "temperature"),
+        )
+
+
+@dataclass
 class DataGenArguments:
     """SFT data generation (data_gen/taxi/gen_sft.py)."""
 

@@ -211,3 +211,47 @@ def test_data_sft_rl_and_evaluation_with_env_auto_explore(repo, tmp_path):
     assert summary["env"] == "auto_explore" and summary["split"] == "test"
     by = summary["stages"]["all"]["success_by"]
     assert set(by["repo"]) == {"held"} and sum(v["episodes"] for v in by["depth"].values()) == 3
+
+
+def test_llm_written_tasks_are_filtered_and_the_expert_solves_them(repo, tmp_path, monkeypatch):
+    from data_gen.auto_explore import llm_tasks
+    from llm.base import Backend, Generation
+
+    answers = {  # by a phrase of each file's excerpt: what the scripted model writes about it
+        "run_server": "- QUERY1: Which function starts the HTTP server?\n- ANSWER1: run_server\n"
+        "- QUERY2: What does main.py define?\n- ANSWER2: run_server",  # names its file: rejected
+        "parse_config": "- QUERY1: How is a configuration file read into a dict?\n- ANSWER1: parse_config\n"
+        "- QUERY2: which function starts the HTTP server\n- ANSWER2: none",  # the first question again
+        "slugify": "I cannot help with that.",  # no pairs
+        "Installing": "- QUERY1: How do I install the package?\n- ANSWER1: with pip\n- QUERY2: Pip?\n- ANSWER2: y",
+    }
+    prompts_seen = []
+
+    class Scripted(Backend):
+        name = "scripted"
+
+        def _generate(self, prompts, **kwargs):
+            prompts_seen.extend(p[0]["content"] for p in prompts)
+            return [Generation(text=next(a for k, a in answers.items() if k in p[0]["content"])) for p in prompts]
+
+    monkeypatch.setattr(llm_tasks, "make_backend", lambda args: Scripted())
+    out = tmp_path / "llm_tasks.jsonl"
+    counts = llm_tasks.main(
+        ["--output_file", str(out), "--auto_explore_repo_dirs", str(repo), "--min_chars", "10", "--model", "m"]
+    )
+    assert all(name not in p for p in prompts_seen for name in ("main.py", "core.py", "helpers.py", "guide.md"))
+    assert counts["files_asked"] == 4  # tests/, hidden and licence files are never asked about
+    assert {k: counts[k] for k in ("names_file", "duplicate", "unparsed_answers", "length")} == dict.fromkeys(
+        ("names_file", "duplicate", "unparsed_answers", "length"), 1
+    )
+    tasks = load_tasks(out)
+    assert {(t.answers[0], t.depth) for t in tasks} == {("main.py", 0), ("pkg/core.py", 1), ("docs/guide.md", 1)}
+    assert json.loads(Path(f"{out}.summary.json").read_text())["tasks"] == 3
+    for task in tasks:
+        env = AutoExploreEnv([task])
+        env.reset(0)
+        done = False
+        while not done:
+            _, _, terminated, truncated, info = env.step(env.oracle_action())
+            done = terminated or truncated
+        assert info["success"] and task.extra["model"] == "m"
