@@ -1062,6 +1062,101 @@ class PlanCheckArguments:
             raise UsageError("--reflection_max_tokens and --batch_size must be positive")
 
 
+# Which past episodes an in-context agent sees (evaluation/in_context_agent.py): Monea et al.'s strategies
+# (evaluation/icrl/context.py) over whole episodes, an episode's feedback being its success.
+AGENT_CONTEXTS = {
+    "none": None,  # zero-shot: the current episode only
+    "naive": "random_biased_end",  # the most recent episodes, won or lost
+    "only_positive": "random_biased_end_only_positive",  # the most recent won episodes (Naive+)
+    "stochastic": "random_unbiased_only_positive",  # a fresh random subset of the won ones (Explorative)
+    "approximate": "approximate_only_positive",  # K append-only contexts of won episodes (Approximate)
+}
+
+
+@dataclass
+class InContextAgentArguments:
+    """An LLM that plays the environment in context (``evaluation.evaluate --agent llm``): a local HF model or any
+    OpenAI-compatible API (a hosted model, vLLM, ``evaluation.serve``), reading the trained policy's prompt and
+    answering with an action label; past episodes with their rewards can go into its prompt."""
+
+    agent_backend: str = field(
+        default="local", metadata={"help": "local (an HF model here) or openai (any OpenAI-compatible API)."}
+    )
+    agent_model: str = field(
+        default="smollm2-135m",
+        metadata={"help": "local: a built-in name (smollm2-135m, tiny-gpt2) or an HF folder; openai: the model name."},
+    )
+    agent_adapter: str = field(default="", metadata={"help": "local: a LoRA adapter folder on --agent_model."})
+    agent_dtype: str = field(default="float32", metadata={"help": "local: float32, bfloat16, float16 or auto."})
+    agent_device: str = field(default="auto", metadata={"help": "local: auto (cuda if available), cpu, cuda..."})
+    agent_api_base: str = field(
+        default="", metadata={"help": "openai: base URL, e.g. http://127.0.0.1:8000/v1 (default OpenAI's)."}
+    )
+    agent_api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "openai: environment variable holding the key (never written)."}
+    )
+    agent_concurrency: int = field(default=8, metadata={"help": "openai: requests in flight at once."})
+    agent_timeout: float = field(default=60.0, metadata={"help": "openai: seconds before one request times out."})
+    agent_max_retries: int = field(default=6, metadata={"help": "openai: retries on 429/5xx/timeouts."})
+    agent_cache_dir: str = field(
+        default="",
+        metadata={"help": "openai: response cache folder (default $REFLECT_RL_CACHE/api_responses); 'none': off."},
+    )
+    agent_max_tokens: int = field(
+        default=16, metadata={"help": "openai: token cap of an answer (a label is one or two tokens)."}
+    )
+    agent_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of the answers (--greedy: 0, argmax)."}
+    )
+    agent_context: str = field(
+        default="none",
+        metadata={"help": f"Past episodes in the prompt: {', '.join(AGENT_CONTEXTS)} (Monea et al.'s strategies)."},
+    )
+    agent_context_episodes: int = field(default=4, metadata={"help": "The most past episodes in one prompt."})
+    agent_context_tokens: int = field(
+        default=1024, metadata={"help": "Token budget of the past episodes (older steps of a long one are cut)."}
+    )
+    agent_p_keep: float = field(
+        default=0.1, metadata={"help": "stochastic / approximate: the chance a won episode is kept (Monea: 0.1)."}
+    )
+    agent_max_contexts: int = field(default=8, metadata={"help": "approximate: contexts kept (Monea: 8)."})
+
+    def __post_init__(self):
+        if self.agent_backend not in ("local", "openai"):
+            raise UsageError(f"--agent_backend {self.agent_backend!r} is not one of local, openai")
+        if self.agent_context not in AGENT_CONTEXTS:
+            raise UsageError(f"--agent_context {self.agent_context!r} is not one of {', '.join(AGENT_CONTEXTS)}")
+        if self.agent_backend == "openai" and self.agent_adapter:
+            raise UsageError("--agent_adapter is for --agent_backend local; serve the adapter with evaluation.serve")
+        if self.agent_dtype not in DTYPES:
+            raise UsageError(f"--agent_dtype {self.agent_dtype!r} is not one of {', '.join(DTYPES)}")
+        if min(self.agent_concurrency, self.agent_max_tokens, self.agent_max_contexts) < 1:
+            raise UsageError("--agent_concurrency, --agent_max_tokens and --agent_max_contexts must be >= 1")
+        if self.agent_max_retries < 0:
+            raise UsageError("--agent_max_retries must be >= 0")
+        if self.agent_context_episodes < 0 or self.agent_context_tokens < 0:
+            raise UsageError("--agent_context_episodes and --agent_context_tokens must be >= 0")
+        if not 0 < self.agent_p_keep <= 1:
+            raise UsageError(f"--agent_p_keep must be in (0, 1], got {self.agent_p_keep}")
+        check_numbers(self, positive=("agent_timeout",), non_negative=("agent_temperature",))
+
+    def backend_arguments(self) -> BackendArguments:
+        """The same model as the in-context methods' ``--backend/--model/...`` flags describe it."""
+        return BackendArguments(
+            model=self.agent_model,
+            adapter=self.agent_adapter,
+            dtype=self.agent_dtype,
+            device=self.agent_device,
+            backend=self.agent_backend,
+            api_base=self.agent_api_base,
+            api_key_env=self.agent_api_key_env,
+            cache_dir=self.agent_cache_dir,
+            concurrency=self.agent_concurrency,
+            timeout=self.agent_timeout,
+            max_retries=self.agent_max_retries,
+        )
+
+
 @dataclass
 class EvalArguments(ReflectorAPIArguments):
     """Evaluation of a trained policy or a reference agent (evaluation/evaluate.py)."""
@@ -1073,7 +1168,10 @@ class EvalArguments(ReflectorAPIArguments):
     reflector_path: str = field(
         default="", metadata={"help": "SFT reflector folder for an SFT policy (RL runs name their own)."}
     )
-    agent: str = field(default="model", metadata={"help": "model (the run's policy), random or oracle."})
+    agent: str = field(
+        default="model",
+        metadata={"help": "model (the run's policy), llm (an in-context LLM: the --agent_* flags), random or oracle."},
+    )
     name: str = field(default="", metadata={"help": "Row label in comparisons; default: the output folder's name."})
     env: str = field(
         default="", metadata={"help": f"Environment: {', '.join(ENV_ARGUMENTS)}; default: the run's (else taxi)."}
@@ -1103,8 +1201,8 @@ class EvalArguments(ReflectorAPIArguments):
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing evaluation."})
 
     def __post_init__(self):
-        if self.agent not in ("model", "random", "oracle"):
-            raise UsageError(f"--agent {self.agent!r} is not one of model, random, oracle")
+        if self.agent not in ("model", "llm", "random", "oracle"):
+            raise UsageError(f"--agent {self.agent!r} is not one of model, llm, random, oracle")
         if self.agent == "model" and not self.run_dir:
             raise UsageError("--run_dir is required with --agent model (an RL or SFT run folder)")
         super().__post_init__()  # the --reflector_api_* flags

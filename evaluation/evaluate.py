@@ -4,13 +4,16 @@
     python -m evaluation.evaluate --run_dir runs/sft_policy --reflector_path runs/sft_reflector \
         --output_dir runs/eval/sft
     python -m evaluation.evaluate --agent oracle --output_dir runs/eval/oracle --stages pickup,dropoff,full
+    python -m evaluation.evaluate --agent llm --agent_model smollm2-135m --output_dir runs/eval/smollm2
 
 The episodes are the same for every run (``--seed``), and they go through ``training.rollout.rollout``,
 the function RL trains with. Writes ``summary.json`` (per stage: success rate with a 95% interval
 that resamples start states, since episodes from one start are not independent tests, and the Wilson
 interval over episodes; distinct start states; mean return and length; invalid-action rate) and
-``episodes.jsonl`` (full transcripts with reflections). An environment that counts engine faults (ALFWorld's
-crashed, hung or broken games, skipped) adds them per stage as ``engine_faults``.
+``episodes.jsonl`` (full transcripts with reflections). ``--agent llm`` is a language model playing in context
+(evaluation/in_context_agent.py: local or behind an API, optionally shown past episodes; the ``--agent_*``
+flags), stepped by the same rollout; its usage goes into the summary. An environment that counts engine
+faults (ALFWorld's crashed, hung or broken games, skipped) adds them per stage as ``engine_faults``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from experiment_args import EvalArguments, UsageError
+from experiment_args import EvalArguments, InContextAgentArguments, UsageError
 from run_utils import atomic_write_text, cli, inherited_run_flags, latest_checkpoint, parse_with_env
 from training.players import load_players
 from training.rollout import (
@@ -73,8 +76,31 @@ def start_bootstrap_interval(
     return float(np.quantile(rates, 0.025)), float(np.quantile(rates, 0.975))
 
 
-def load_agent(args: EvalArguments):
+def load_agent(args: EvalArguments, agent_args: InContextAgentArguments | None = None):
     """(agent, reflector or None, description) for the evaluated run."""
+    if args.agent == "llm":
+        from evaluation.in_context_agent import make_agent
+
+        if args.reflector_path:
+            raise UsageError(
+                "--agent llm reads a served reflector only: serve --reflector_path with evaluation.serve and pass "
+                "--reflector_api_base"
+            )
+        agent_args = agent_args or InContextAgentArguments()
+        reflector = None
+        if args.reflector_api_base:
+            reflector = ServedReflector(
+                args.reflector_backend(), args.reflection_max_tokens, args.reflection_temperature
+            )
+        meta = {
+            "reflection": reflector is not None,
+            "reflector_path": args.reflector_api_base,
+            "agent_backend": agent_args.agent_backend,
+            "agent_model": agent_args.agent_model,
+            "agent_api_base": agent_args.agent_api_base,
+            "agent_context": agent_args.agent_context,
+        }
+        return make_agent(agent_args, args.seed), reflector, meta
     if args.agent == "random":
         return RandomAgent(args.seed), None, {"reflection": False}
     if args.agent == "oracle":
@@ -166,7 +192,9 @@ def summarise(episodes) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     # The environment the run was trained on and, for an RL run, its reflection and label settings,
     # unless the command line says otherwise: what is evaluated is what was trained.
-    args, env_args = parse_with_env((EvalArguments,), argv, "run_dir", scope="eval", extra=inherited_run_flags)
+    args, agent_args, env_args = parse_with_env(
+        (EvalArguments, InContextAgentArguments), argv, "run_dir", scope="eval", extra=inherited_run_flags
+    )
     if args.stages:
         env_args.check_stages("--stages", args.stages)
     output_dir = Path(args.output_dir)
@@ -174,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError(
             f"{output_dir} already holds an evaluation; pass another --output_dir or --overwrite_output_dir"
         )
-    agent, reflector, meta = load_agent(args)
+    agent, reflector, meta = load_agent(args, agent_args)
     stages = args.stages.split(",") if args.stages else [env_args.stage]
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the reflector samples from the global generator
@@ -197,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         with open(tmp / "episodes.jsonl", "w") as transcripts:
             for stage in stages:
                 episodes = []
+                if hasattr(agent, "observe"):
+                    agent.reset()  # an in-context agent learns within a stage, from its first episode
                 # created once per stage and reused by every batch
                 envs = [env_args.make_env(stage, args.split) for _ in range(min(args.batch_size, args.num_episodes))]
                 if args.agent == "oracle" and not envs[0].has_expert:
@@ -206,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
                     seeds = [args.seed + i for i in range(start, min(start + args.batch_size, args.num_episodes))]
                     batch = rollout(envs[: len(seeds)], seeds, agent, reflector, None, args.greedy, generator)
                     episodes += batch
+                    if hasattr(agent, "observe"):
+                        agent.observe(batch)
                     bar.update(len(batch))
                 bar.close()
                 faults: Counter = Counter()  # games an engine failed on (ALFWorld), skipped: {} elsewhere
@@ -228,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"  by {tag}: {rates}")
         # prompts longer than the model's window lose their start; an environment should cap its observation
         summary["prompts_cut"] = prompts_cut(agent, reflector)
+        if hasattr(agent, "stats"):
+            summary["agent_stats"] = agent.stats()
         if summary["prompts_cut"]:
             print(
                 f"warning: {summary['prompts_cut']} prompts were longer than the model's window and cut from the left"

@@ -18,8 +18,9 @@ from llm.base import Backend
 # The submodules are imported where they are used: llm.local loads torch, which data generation does not need.
 
 
-def make_backend(args: BackendArguments) -> Backend:
-    """The backend ``args`` describe (loads the model for ``local``)."""
+def make_backend(args: BackendArguments, flag_prefix: str = "") -> Backend:
+    """The backend ``args`` describe (loads the model for ``local``); API errors name the flags as
+    ``--{flag_prefix}api_base`` and so on."""
     if args.backend == "local":
         from llm.local import LocalBackend
 
@@ -40,4 +41,5 @@ def make_backend(args: BackendArguments) -> Backend:
         cache_dir=cache_dir,
         price_per_1k_prompt=args.price_per_1k_prompt,
         price_per_1k_completion=args.price_per_1k_completion,
+        flag_prefix=flag_prefix,
     )
