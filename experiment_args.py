@@ -551,12 +551,163 @@ class TextWorldArguments(EnvArguments):
         return TextWorldEnv(self.games(split), horizon=self.textworld_horizon, history=self.textworld_history)
 
 
+ICPI_STAGES = ("chain", "distractor_chain", "maze", "mini_catch", "mini_invaders", "point_mass")  # envs.icpi.ENVS
+
+
+@dataclass
+class IcpiArguments(EnvArguments):
+    """The six small environments of ICPI (envs/icpi.py); each stage is one environment, not a curriculum step."""
+
+    name: ClassVar[str] = "icpi"
+    prefix: ClassVar[str] = "icpi_"
+    stages: ClassVar[tuple[str, ...]] = ICPI_STAGES
+
+    icpi_stage: str = field(default="chain", metadata={"help": "Environment: " + ", ".join(ICPI_STAGES) + "."})
+    icpi_hint: bool = field(
+        default=True,
+        metadata={"help": "Append the hint clauses (the paper's italics, e.g. 'and state != [4]') to state texts."},
+    )
+
+    def __post_init__(self):
+        if self.icpi_stage not in self.stages:
+            raise UsageError(f"--icpi_stage {self.icpi_stage!r} is not one of {', '.join(self.stages)}")
+
+    @property
+    def stage(self) -> str:
+        return self.icpi_stage
+
+    def make_env(self, stage: str | None = None, split: str = "train"):
+        # no task list: evaluation seeds are disjoint from training's, as for Taxi
+        from envs.icpi import make_icpi_env
+
+        return make_icpi_env(stage or self.icpi_stage, hint=self.icpi_hint)
+
+
+# envs.scienceworld_env.task_names() of scienceworld 1.2.3 (a test checks)
+SCIENCEWORLD_TASKS = (
+    "boil", "change-the-state-of-matter-of", "chemistry-mix", "chemistry-mix-paint-secondary-color",
+    "chemistry-mix-paint-tertiary-color", "find-animal", "find-living-thing", "find-non-living-thing", "find-plant",
+    "freeze", "grow-fruit", "grow-plant", "identify-life-stages-1", "identify-life-stages-2",
+    "inclined-plane-determine-angle", "inclined-plane-friction-named-surfaces",
+    "inclined-plane-friction-unnamed-surfaces", "lifespan-longest-lived", "lifespan-longest-lived-then-shortest-lived",
+    "lifespan-shortest-lived", "measure-melting-point-known-substance", "measure-melting-point-unknown-substance",
+    "melt", "mendelian-genetics-known-plant", "mendelian-genetics-unknown-plant", "power-component",
+    "power-component-renewable-vs-nonrenewable-energy", "test-conductivity", "test-conductivity-of-unknown-substances",
+    "use-thermometer",
+)  # fmt: skip
+SCIENCEWORLD_SIMPLIFICATIONS = (
+    "easy", "teleportAction", "selfWateringFlowerPots", "openContainers", "openDoors", "noElectricalAction",
+)  # fmt: skip
+
+
+@dataclass
+class ScienceWorldArguments(EnvArguments):
+    """ScienceWorld options (envs/scienceworld_env.py): tasks, ScienceWorld's variation splits, the episode rules."""
+
+    name: ClassVar[str] = "scienceworld"
+    prefix: ClassVar[str] = "scienceworld_"
+    # all: the 30 tasks together (the seed picks the task); one task alone, so --stages boil,melt evaluates per task
+    # and --curriculum find-animal,all trains one task first
+    stages: ClassVar[tuple[str, ...]] = ("all", *SCIENCEWORLD_TASKS)
+
+    scienceworld_task: str = field(
+        default="all", metadata={"help": "Task: all (the 30 tasks, the seed picks one), or one task name."}
+    )
+    scienceworld_horizon: int = field(default=15, metadata={"help": "Steps before truncation (Song et al.: 15)."})
+    scienceworld_history: int = field(
+        default=4,
+        metadata={"help": "Previous steps (action, answer, '(Reward: x)') shown; 15 shows whole episodes."},
+    )
+    scienceworld_max_actions: int = field(
+        default=40,
+        metadata={
+            "help": "Actions listed (at most 62, the labels every agent has), kept by a seeded round-robin over "
+            "ScienceWorld's action templates (envs.scienceworld_env.cap_actions); typed actions reach all."
+        },
+    )
+    scienceworld_keep_gold: bool = field(
+        default=False,
+        metadata={
+            "help": "Always list the expert's next action (the gold path's): the oracle can then win, and the task "
+            "is easier than with the cap alone and shows a learner the expert's choice among the listed ones."
+        },
+    )
+    scienceworld_simplifications: str = field(
+        default="",
+        metadata={
+            "help": "ScienceWorld's simplifications, comma-separated: " + ", ".join(SCIENCEWORLD_SIMPLIFICATIONS) + "."
+        },
+    )
+    scienceworld_step_timeout: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds a step may take (a reset 5 times as long); past it the JVM is killed, the fault counted "
+            "and the episode ended."
+        },
+    )
+    scienceworld_java_options: str = field(
+        default="-Xmx1g -XX:+UseSerialGC",
+        metadata={
+            "help": "Options of each environment's JVM: the heap cap holds one at ~250-600 MB resident (uncapped: "
+            "1-2.5 GB), the serial collector at one GC thread."
+        },
+    )
+
+    def __post_init__(self):
+        import importlib.util
+        import shutil
+
+        if self.scienceworld_task not in self.stages:
+            raise UsageError(f"--scienceworld_task {self.scienceworld_task!r} is not all or a ScienceWorld task name")
+        if self.scienceworld_horizon <= 0:
+            raise UsageError("--scienceworld_horizon must be positive")
+        if self.scienceworld_history < 0:
+            raise UsageError("--scienceworld_history must be >= 0")
+        if not 1 <= self.scienceworld_max_actions <= 62:
+            raise UsageError(f"--scienceworld_max_actions must be in [1, 62], not {self.scienceworld_max_actions}")
+        check_numbers(self, positive=("scienceworld_step_timeout",))
+        chosen = [s for s in self.scienceworld_simplifications.split(",") if s]
+        bad = [s for s in chosen if s not in SCIENCEWORLD_SIMPLIFICATIONS]
+        if bad:
+            raise UsageError(f"--scienceworld_simplifications has unknown {', '.join(bad)}")
+        electrical = [t for t in SCIENCEWORLD_TASKS if "power-component" in t or "conductivity" in t]
+        if "noElectricalAction" in chosen and self.scienceworld_task in ("all", *electrical):
+            raise UsageError("--scienceworld_simplifications noElectricalAction makes electrical tasks unsolvable")
+        if importlib.util.find_spec("scienceworld") is None:
+            raise UsageError("--env scienceworld needs the scienceworld package: pip install scienceworld==1.2.3")
+        if shutil.which("java") is None:
+            raise UsageError("--env scienceworld needs Java (17 or later) on PATH for its simulator")
+
+    @property
+    def stage(self) -> str:
+        return self.scienceworld_task
+
+    def make_env(self, stage: str | None = None, split: str = "train"):
+        from envs.scienceworld_env import ScienceWorldEnv
+
+        stage = stage or self.scienceworld_task
+        return ScienceWorldEnv(
+            SCIENCEWORLD_TASKS if stage == "all" else (stage,),
+            split=split,
+            horizon=self.scienceworld_horizon,
+            history=self.scienceworld_history,
+            max_actions=self.scienceworld_max_actions,
+            keep_gold=self.scienceworld_keep_gold,
+            simplifications=self.scienceworld_simplifications,
+            step_timeout=self.scienceworld_step_timeout,
+            java_options=self.scienceworld_java_options,
+            stage=stage,
+        )
+
+
 # --env name -> its argument dataclass; an environment is added here and in envs.ENVS.
 ENV_ARGUMENTS: dict[str, type[EnvArguments]] = {
     TaxiArguments.name: TaxiArguments,
     AutoExploreArguments.name: AutoExploreArguments,
     AlfWorldArguments.name: AlfWorldArguments,
     TextWorldArguments.name: TextWorldArguments,
+    IcpiArguments.name: IcpiArguments,
+    ScienceWorldArguments.name: ScienceWorldArguments,
 }
 
 
@@ -1216,3 +1367,71 @@ class EvalArguments(ReflectorAPIArguments):
         if self.reflection_max_tokens < 0:
             raise UsageError("--reflection_max_tokens must be >= 0")
         check_numbers(self, non_negative=("reflection_temperature",))
+
+
+ICPI_METHODS = ("icpi", "no_argmax", "tabular_q", "matching", "random")
+
+
+@dataclass
+class ICPIArguments(BackendArguments):
+    """In-context policy iteration and its baselines on the ICPI environments (evaluation/icpi.py); the
+    environment is --icpi_stage (IcpiArguments). Defaults are the paper's (reference C.5) except where noted."""
+
+    output_dir: str = field(default="runs/icpi", metadata={"help": "Run folder (rerun the command to resume)."})
+    method: str = field(
+        default="icpi",
+        metadata={
+            "help": "icpi (argmax over LLM rollouts), no_argmax (the LLM rollout policy acts directly), tabular_q "
+            "(lr 1, optimistic Q0 = 1), matching (the buffer's most recent identical state-action in place of the "
+            "LLM) or random."
+        },
+    )
+    total_steps: int = field(
+        default=200, metadata={"help": "Environment steps to train for (the episode in progress finishes)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the episode starts, exploration and prompt shuffles."})
+    success_buffer_size: int = field(
+        default=8, metadata={"help": "Trajectories the policy prompt draws from (the paper's recency c = 8)."}
+    )
+    min_successes: int = field(
+        default=3, metadata={"help": "Successes before the model acts half the time (use-model sigmoid)."}
+    )
+    max_resamples: int = field(default=3, metadata={"help": "Tries (each a fresh shuffle) per model prediction."})
+    max_prompts: int = field(
+        default=5, metadata={"help": "Redraws of a shuffle that repeats an earlier try's prompt, per try."}
+    )
+    temperature: float = field(default=0.1, metadata={"help": "Sampling temperature of every LLM prediction."})
+    max_tokens: int = field(default=100, metadata={"help": "Token cap of one completion (paper: 100)."})
+    prompt_tokens: int = field(
+        default=3800,
+        metadata={
+            "help": "Tokens a prompt keeps, examples dropped from the left (paper: 4000 - 100 - 100 with "
+            "code-davinci-002; a small model on a CPU wants ~300-1000). Counted with the local model's tokenizer, "
+            "else as characters / 4."
+        },
+    )
+    policy_hint: bool = field(default=True, metadata={"help": "Hints in the policy prompt's states too."})
+    balance_prompts: bool = field(
+        default=True, metadata={"help": "Upsample example groups to equal size (ablation: No Balance)."}
+    )
+    constrain_prompts: bool = field(
+        default=True, metadata={"help": "World-model examples only of the queried action (ablation: No Constraints)."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete an existing run folder first."})
+
+    def __post_init__(self):
+        if self.method not in ICPI_METHODS:
+            raise UsageError(f"--method {self.method!r} is not one of {', '.join(ICPI_METHODS)}")
+        for flag in ("total_steps", "success_buffer_size", "max_resamples", "max_prompts", "max_tokens"):
+            if getattr(self, flag) < 1:
+                raise UsageError(f"--{flag} must be >= 1")
+        if self.min_successes < 0:
+            raise UsageError("--min_successes must be >= 0")
+        if self.prompt_tokens < 64:
+            raise UsageError(f"--prompt_tokens {self.prompt_tokens} leaves no room for examples; pass >= 64")
+        check_numbers(self, non_negative=("temperature",))
+        super().__post_init__()
+
+    @property
+    def uses_llm(self) -> bool:
+        return self.method in ("icpi", "no_argmax")

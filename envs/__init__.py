@@ -1,12 +1,14 @@
 """Text environments behind one interface (:class:`envs.base.TextEnv`).
 
-``ENVS`` maps the ``--env`` name to its class; later environments (ALFWorld, the ICPI
-tasks, classification bandits, Game of 24) are added here.
+``ENVS`` maps the ``--env`` name to its class (``icpi`` is the base of its six tasks, ``envs.icpi.ENVS``;
+ScienceWorld's module loads its Java simulator only when an environment is reset).
 """
 
 from envs.alfworld import AlfWorldEnv
 from envs.auto_explore import AutoExploreEnv
 from envs.base import Observation, TextEnv
+from envs.icpi import IcpiEnv
+from envs.scienceworld_env import ScienceWorldEnv
 from envs.taxi import TaxiEnv
 from envs.textworld_env import TextWorldEnv
 
@@ -15,6 +17,11 @@ ENVS: dict[str, type[TextEnv]] = {
     "auto_explore": AutoExploreEnv,
     "alfworld": AlfWorldEnv,
     "textworld": TextWorldEnv,
+    "icpi": IcpiEnv,
+    "scienceworld": ScienceWorldEnv,
 }
 
-__all__ = ["ENVS", "AlfWorldEnv", "AutoExploreEnv", "Observation", "TextEnv", "TaxiEnv", "TextWorldEnv"]
+__all__ = [
+    "ENVS", "AlfWorldEnv", "AutoExploreEnv", "IcpiEnv", "Observation", "ScienceWorldEnv", "TextEnv", "TaxiEnv",
+    "TextWorldEnv",
+]  # fmt: skip
