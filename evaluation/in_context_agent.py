@@ -8,8 +8,10 @@ The agent reads what the trained policy reads (the state, the labelled admissibl
 answers with one label. A local model decodes over the labels only (llm.local's constrained choice); an API
 model's free answer is parsed (``3``, ``3. move east``, ``Action: 3``, else the action's own text) and an answer
 that names no action steps the environment with ``None``: an invalid action, which the environment prices and
-the rollout counts. It runs through ``training.rollout.rollout`` like every agent, so evaluation writes the
-same ``episodes.jsonl`` and ``summary.json`` and ``evaluation.compare`` tables it beside the trained policies.
+the rollout counts. A step's log-prob is the local model's own log-prob of its answer (label and end token,
+not renormalised over the labels; NaN for API answers). It runs through ``training.rollout.rollout`` like every
+agent, so evaluation writes the same ``episodes.jsonl`` and ``summary.json`` and ``evaluation.compare`` tables it
+beside the trained policies.
 
 In-context RL over episodes (``--agent_context``): after each batch of episodes evaluation calls
 :meth:`InContextAgent.observe`, and the next prompts open with past episodes, each as its states, the action
