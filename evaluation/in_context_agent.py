@@ -24,6 +24,7 @@ agent can learn (1: after every episode).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ SYSTEM_PROMPT = (
 )
 CONTEXT_SENTENCE = " Earlier episodes are shown first, with the reward of every action and the outcome: use them."
 ANSWER_PREFIX = "Action:"
+ANSWER_IN_TEXT = re.compile(r"\baction\s*:\s*(\S+)", re.IGNORECASE)
 
 
 @dataclass
@@ -219,11 +221,15 @@ class InContextAgent:
         return len(self.backend.encode(chat, ANSWER_PREFIX)) + 8 <= limit
 
     def _parse(self, text: str, labels: list[str], prompt: str) -> int | None:
-        """The action a free answer names: its label (``3``, ``Action: 3``), else the action's text."""
+        """The action a free answer names: its label (``3``, ``Action: 3``, also ``Action: 3`` inside a sentence),
+        else the action's text."""
         answer = text.strip()
         if answer.lower().startswith(ANSWER_PREFIX.lower()):
             answer = answer[len(ANSWER_PREFIX) :]
         index = parse_label(answer, labels)
+        if index is None:  # "... so my answer is Action: 3." (small chat models rarely answer tersely)
+            named = ANSWER_IN_TEXT.search(answer)
+            index = parse_label(named.group(1), labels) if named else None
         if index is None:
             _, actions = split_policy_prompt(prompt)
             texts = [actions.get(label, "") for label in labels]

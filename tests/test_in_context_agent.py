@@ -51,13 +51,13 @@ def test_the_policy_prompt_splits_into_state_and_actions():
 
 
 def test_answers_are_parsed_and_unparsable_ones_are_invalid_actions():
-    answers = iter(["Action: 2", "3. move west", "move north", "I would rather not"] * 50)
+    answers = iter(["Action: 2", "3. move west", "move north", "I would rather not", "So: action: 1."] * 50)
     agent = InContextAgent(Scripted(lambda p: next(answers)), temperature=0.0)
-    envs = taxi_envs(4)
-    episodes = rollout(envs, [0, 1, 2, 3], agent)
+    envs = taxi_envs(5)
+    episodes = rollout(envs, [0, 1, 2, 3, 4], agent)
     first = [e.steps[0] for e in episodes]
     north = envs[0].current_actions().index("move north")
-    assert [s.action for s in first] == [2, 3, north, None]
+    assert [s.action for s in first] == [2, 3, north, None, 1]
     assert first[3].invalid and not any(s.invalid for s in first[:3])
     assert agent.unparsed == sum(s.action is None for e in episodes for s in e.steps) > 0
     # the prompt is the policy's, after the system prompt; no context yet
