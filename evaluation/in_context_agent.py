@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from envs.prompt import ACTION_HEAD, ACTIONS_HEAD, ANALYZE_HEAD, parse_label
+from envs.prompt import ACTION_HEAD, ACTIONS_HEAD, ANALYZE_HEAD, action_labels, parse_label
 from evaluation.icrl.context import ApproximateContexts, random_context, step_rng
 from experiment_args import AGENT_CONTEXTS
 from llm.base import Backend, parse_choice
@@ -118,9 +118,7 @@ class InContextAgent:
         self._shown = 0
 
     def labels(self, n: int) -> list[str]:
-        from envs.prompt import action_labels
-
-        return action_labels(n)
+        return action_labels(n)  # the digit and letter labels, as the reference agents (no tokenizer to check)
 
     # -- the context ------------------------------------------------------------------------------
 
