@@ -76,3 +76,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def tiny_sft_and_rl(data, tmp_path, *rl_flags: str) -> list[dict]:
+    """One SFT step of a tiny-gpt2 policy and reflector on ``data``, then one RL iteration of 2 episodes from them
+    (in ``tmp_path``/policy, /reflector, /rl); returns RL's metrics. The environment comes from the data."""
+    from training import rl_finetune, sft
+
+    common = ["--data_dir", str(data), "--model_name_or_path", "tiny-gpt2", "--use_peft", "false", "--max_steps", "1"]
+    common += ["--per_device_train_batch_size", "2", "--report_to", "none", "--max_eval_samples", "2"]
+    sft.main(["--role", "policy", "--output_dir", str(tmp_path / "policy"), *common])
+    sft.main(["--role", "reflector", "--output_dir", str(tmp_path / "reflector"), *common])
+    return rl_finetune.main(
+        ["--policy_path", str(tmp_path / "policy"), "--reflector_path", str(tmp_path / "reflector")]
+        + ["--output_dir", str(tmp_path / "rl"), "--iterations", "1", "--num_envs", "2", "--report_to", "none"]
+        + ["--reflection_max_tokens", "3", *rl_flags]
+    )

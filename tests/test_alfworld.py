@@ -182,9 +182,10 @@ def test_official_data_layout_is_played_when_alfworld_data_is_set(games_dir, tmp
 
 
 def test_data_sft_rl_and_evaluation_with_env_alfworld(games_dir, tmp_path):
+    from conftest import tiny_sft_and_rl
+
     from data_gen import gen_sft
     from evaluation import evaluate
-    from training import rl_finetune, sft
 
     data = tmp_path / "data"
     gen_sft.main(
@@ -195,15 +196,7 @@ def test_data_sft_rl_and_evaluation_with_env_alfworld(games_dir, tmp_path):
     rows = [json.loads(line) for line in open(data / "train" / "sft_policy.jsonl")]
     assert {r["kind"] for r in rows} == {"positive", "negative"}
     assert all("Best next command:" in r["prompt"] for r in rows)
-    common = ["--data_dir", str(data), "--model_name_or_path", "tiny-gpt2", "--use_peft", "false", "--max_steps", "1"]
-    common += ["--per_device_train_batch_size", "2", "--report_to", "none", "--max_eval_samples", "2"]
-    sft.main(["--role", "policy", "--output_dir", str(tmp_path / "policy"), *common])
-    sft.main(["--role", "reflector", "--output_dir", str(tmp_path / "reflector"), *common])
-    history = rl_finetune.main(
-        ["--policy_path", str(tmp_path / "policy"), "--reflector_path", str(tmp_path / "reflector")]
-        + ["--output_dir", str(tmp_path / "rl"), "--iterations", "1", "--num_envs", "2", "--report_to", "none"]
-        + ["--reflection_max_tokens", "3"]
-    )
+    history = tiny_sft_and_rl(data, tmp_path)
     assert len(history) == 1 and history[0]["env/prompts_cut"] == 0 and history[0]["env/engine_faults"] == 0
     summary = evaluate.main(
         ["--run_dir", str(tmp_path / "rl"), "--output_dir", str(tmp_path / "eval"), "--num_episodes", "2"]

@@ -178,9 +178,10 @@ def test_splits_and_held_out_repositories(repo, tmp_path):
 
 
 def test_data_sft_rl_and_evaluation_with_env_auto_explore(repo, tmp_path):
+    from conftest import tiny_sft_and_rl
+
     from data_gen import gen_sft
     from evaluation import evaluate
-    from training import rl_finetune, sft
 
     held_out = make_repo(tmp_path / "held")
     data = tmp_path / "data"
@@ -195,15 +196,7 @@ def test_data_sft_rl_and_evaluation_with_env_auto_explore(repo, tmp_path):
     assert {r["kind"] for r in rows} <= {"positive", "negative"}
     assert all("Best next command:" in r["prompt"] for r in rows)
     assert {r["repo"] for r in rows} == {"repo"}  # the held-out repository is never trained on
-    common = ["--data_dir", str(data), "--model_name_or_path", "tiny-gpt2", "--use_peft", "false", "--max_steps", "1"]
-    common += ["--per_device_train_batch_size", "2", "--report_to", "none", "--max_eval_samples", "2"]
-    sft.main(["--role", "policy", "--output_dir", str(tmp_path / "policy"), *common])
-    sft.main(["--role", "reflector", "--output_dir", str(tmp_path / "reflector"), *common])
-    history = rl_finetune.main(
-        ["--policy_path", str(tmp_path / "policy"), "--reflector_path", str(tmp_path / "reflector")]
-        + ["--output_dir", str(tmp_path / "rl"), "--iterations", "1", "--num_envs", "2", "--report_to", "none"]
-        + ["--reflection_max_tokens", "3"]
-    )
+    history = tiny_sft_and_rl(data, tmp_path)
     assert len(history) == 1 and history[0]["env/prompts_cut"] == 0
     summary = evaluate.main(
         ["--run_dir", str(tmp_path / "rl"), "--output_dir", str(tmp_path / "eval"), "--num_episodes", "3"]

@@ -55,9 +55,10 @@ def test_invalid_labels_cost_a_step_and_change_nothing(args):
 
 
 def test_data_sft_rl_and_evaluation_with_env_textworld(args, tmp_path):
+    from conftest import tiny_sft_and_rl
+
     from data_gen import gen_sft
     from evaluation import evaluate
-    from training import rl_finetune, sft
 
     data = tmp_path / "data"
     gen_sft.main(
@@ -67,15 +68,7 @@ def test_data_sft_rl_and_evaluation_with_env_textworld(args, tmp_path):
     assert "env: textworld" in (data / "config.yaml").read_text()
     rows = [json.loads(line) for line in open(Path(data) / "train" / "sft_policy.jsonl")]
     assert rows and all("Best next command:" in r["prompt"] for r in rows)
-    common = ["--data_dir", str(data), "--model_name_or_path", "tiny-gpt2", "--use_peft", "false", "--max_steps", "1"]
-    common += ["--per_device_train_batch_size", "2", "--report_to", "none", "--max_eval_samples", "2"]
-    sft.main(["--role", "policy", "--output_dir", str(tmp_path / "policy"), *common])
-    sft.main(["--role", "reflector", "--output_dir", str(tmp_path / "reflector"), *common])
-    history = rl_finetune.main(
-        ["--policy_path", str(tmp_path / "policy"), "--reflector_path", str(tmp_path / "reflector")]
-        + ["--output_dir", str(tmp_path / "rl"), "--iterations", "1", "--num_envs", "2", "--report_to", "none"]
-        + ["--reflection_max_tokens", "3", "--textworld_horizon", "4"]
-    )
+    history = tiny_sft_and_rl(data, tmp_path, "--textworld_horizon", "4")
     assert len(history) == 1 and history[0]["env/steps"] > 0
     summary = evaluate.main(
         ["--run_dir", str(tmp_path / "rl"), "--output_dir", str(tmp_path / "eval"), "--num_episodes", "2"]
