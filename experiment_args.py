@@ -1335,7 +1335,13 @@ class EvalArguments(ReflectorAPIArguments):
         },
     )
     num_episodes: int = field(default=100, metadata={"help": "Seeded episodes per stage (the same for every run)."})
-    batch_size: int = field(default=50, metadata={"help": "Episodes stepped in lockstep."})
+    batch_size: int = field(
+        default=50,
+        metadata={
+            "help": "Environments stepped in lockstep; each starts the next episode when its own ends (an in-context "
+            "agent: batches of this many, each read after it ends)."
+        },
+    )
     greedy: bool = field(default=False, metadata={"help": "Argmax actions instead of sampling (the paper samples)."})
     seed: int = field(default=123_456, metadata={"help": "Seed of the evaluation episodes (disjoint from training)."})
     reflection_max_tokens: int = field(default=48, metadata={"help": "Token cap of one reflection."})

@@ -5,12 +5,16 @@ tiny-gpt2-compact by default, serves as both, as ``LMPolicy(model, tok)`` and
 ``Reflector(model, tok, None, max_tokens, T)``) on
 ``envs.taxi.TaxiEnv(stage, history=False)`` (the demo's prompts) started from the same seeds:
 
-- batched: ``rollout(N envs, seeds[:N])``, one call, for each N in ``sizes``;
-- sequential: ``rollout([env], [seed])`` for each seed in turn. One pass over ``seeds[:max(sizes)]``
-  is timed episode by episode, and the rate over the first N episodes is the baseline of size N (the
-  seeds nest, so each N is compared on exactly its own seeds).
+- batched: ``rollout(N envs, seeds[:E])`` with ``E = episodes_per_env * N``, one call, for each N in
+  ``sizes``: the N envs step in lockstep and each starts the next seed's episode when its own ends (the
+  auto-reset of a vector env, which evaluation uses), so the batch stays full until the seeds run out;
+- sequential: ``rollout([env], [seed])`` for each seed in turn. One pass over ``seeds[:E_max]`` is timed
+  episode by episode, and the rate over the first E episodes is the baseline of size N (the seeds nest,
+  so each N is compared on exactly its own seeds).
 
-Figures are env steps/s (steps summed over episodes / wall time) and their ratio. Rows: reflections
+Figures are env steps/s (steps summed over episodes / wall time) and their ratio. The raw numbers also
+hold ``drain_*``: N envs playing one episode each (``rollout(N envs, seeds[:N])``), whose batch empties as
+episodes end (the untrained model ends most Taxi episodes within two steps). Rows: reflections
 sampled at T=1 (no memo; the paper's setting) and greedy (T=0), which ``Reflector`` memoises by
 prompt. Each measurement starts from the same torch seed and a fresh reflector (an empty memo); the
 sequential greedy pass keeps one reflector for all its episodes, as an RL run keeps one for all its
@@ -36,9 +40,11 @@ TARGET_SPEEDUP = 10.0
 TARGET_STEPS_PER_S = 100.0
 
 
-def _rollout(model, tokenizer, seeds: list[int], stage: str, reflector: Reflector, seed: int, device: str):
-    """(env steps, seconds, episodes) of one batched rollout over ``seeds``."""
-    envs = [TaxiEnv(stage=stage, history=False) for _ in seeds]
+def _rollout(
+    model, tokenizer, n_envs: int, seeds: list[int], stage: str, reflector: Reflector, seed: int, device: str
+):
+    """(env steps, seconds, episodes) of one batched rollout of ``n_envs`` envs over ``seeds``."""
+    envs = [TaxiEnv(stage=stage, history=False) for _ in range(n_envs)]
     generator = torch.Generator().manual_seed(seed)
     synchronize(device)
     start = time.perf_counter()
@@ -73,13 +79,14 @@ def run(
     device: str = "cpu",
     model_name: str = "tiny-gpt2",
     seed: int = 0,
+    episodes_per_env: int = 4,
 ) -> list[Figure]:
     """Rows ``rollout/sampled/n{N}`` and ``rollout/greedy_memo/n{N}`` for each N in ``sizes``."""
     model = load_model(ModelArguments(model_name_or_path=model_name, use_peft=False), trainable=False).to(device)
     tokenizer = load_tokenizer(model_name)
-    seeds = list(range(seed, seed + max(sizes)))
+    seeds = list(range(seed, seed + episodes_per_env * max(sizes)))
     # warm-up (untimed): the first generate() call pays for lazy initialisation
-    _rollout(model, tokenizer, seeds[:2], stage, Reflector(model, tokenizer, None, 4, 1.0), seed, device)
+    _rollout(model, tokenizer, 2, seeds[:2], stage, Reflector(model, tokenizer, None, 4, 1.0), seed, device)
 
     figures = []
     for name, temperature in (("sampled", 1.0), ("greedy_memo", 0.0)):
@@ -89,10 +96,14 @@ def run(
         cumulative = _sequential(model, tokenizer, seeds, stage, reflector, seed, device)
         sequential_hits = reflector.hits / max(reflector.calls, 1)
         for n in sizes:
-            torch.manual_seed(seed)
-            reflector = Reflector(model, tokenizer, None, max_new_tokens, temperature)
-            steps, seconds, episodes = _rollout(model, tokenizer, seeds[:n], stage, reflector, seed, device)
-            seq_steps, seq_seconds = cumulative[n - 1]
+            runs = {}
+            for kind, count in (("drain", n), ("batched", episodes_per_env * n)):
+                torch.manual_seed(seed)
+                reflector = Reflector(model, tokenizer, None, max_new_tokens, temperature)
+                runs[kind] = _rollout(model, tokenizer, n, seeds[:count], stage, reflector, seed, device)
+            steps, seconds, episodes = runs["batched"]
+            drain_steps, drain_seconds, _ = runs["drain"]
+            seq_steps, seq_seconds = cumulative[episodes - 1]
             figure = Figure(
                 key=f"rollout/{name}/n{n}",
                 label=f"rollout {name.replace('_', ' ')} N={n}",
@@ -105,12 +116,18 @@ def run(
                     "stage": stage,
                     "reflection_temperature": temperature,
                     "reflection_max_new_tokens": max_new_tokens,
+                    "episodes": episodes,
                     "batched_steps": steps,
                     "batched_s": seconds,
                     "batched_mean_episode_length": steps / episodes,
                     "sequential_steps": seq_steps,
                     "sequential_s": seq_seconds,
-                    "sequential_mean_episode_length": seq_steps / n,
+                    "sequential_mean_episode_length": seq_steps / episodes,
+                    "drain_episodes": n,
+                    "drain_steps": drain_steps,
+                    "drain_s": drain_seconds,
+                    "drain_steps_per_s": drain_steps / drain_seconds,
+                    "drain_speedup": (drain_steps / drain_seconds) / (cumulative[n - 1][0] / cumulative[n - 1][1]),
                 },
             )
             if temperature == 0:
@@ -120,8 +137,9 @@ def run(
             if temperature > 0:
                 figure.value_target(">=", TARGET_STEPS_PER_S)
             log(
-                f"rollout {name} N={n}: {figure.value:.1f} env steps/s batched ({steps} steps in {seconds:.1f} s) "
-                f"vs {figure.baseline:.1f} sequential: {figure.ratio:.2f}x"
+                f"rollout {name} N={n}: {figure.value:.1f} env steps/s batched ({steps} steps of {episodes} episodes "
+                f"in {seconds:.1f} s) vs {figure.baseline:.1f} sequential: {figure.ratio:.2f}x; one episode per env "
+                f"{figure.raw['drain_steps_per_s']:.1f} ({figure.raw['drain_speedup']:.2f}x)"
             )
             figures.append(figure)
     return figures

@@ -62,6 +62,10 @@ class BenchArguments:
         },
     )
     rollout_envs: str = field(default="8,32,128", metadata={"help": "Numbers of environments stepped in lockstep."})
+    rollout_episodes_per_env: int = field(
+        default=4,
+        metadata={"help": "Rollout: episodes per env (each env starts its next episode when one ends)."},
+    )
     rollout_stage: str = field(default="dropoff", metadata={"help": "Taxi stage of the rollout part."})
     reflection_tokens: int = field(default=32, metadata={"help": "Reflector max_new_tokens in the rollout part."})
     memory_model: str = field(default="tiny-gpt2", metadata={"help": "Model of the memory part (or smollm2-135m)."})
@@ -109,7 +113,15 @@ class BenchArguments:
             raise UsageError(f"--serve_clients {self.serve_clients!r} must be comma-separated integers") from None
         if not clients or min(clients) < 1 or self.serve_requests < 1 or self.serve_max_tokens < 1:
             raise UsageError("--serve_clients needs positive numbers; --serve_requests, --serve_max_tokens positive")
-        for name in ("threads", "reflection_tokens", "sft_warmup", "sft_steps", "sft_batch_size", "icrl_steps"):
+        for name in (
+            "threads",
+            "rollout_episodes_per_env",
+            "reflection_tokens",
+            "sft_warmup",
+            "sft_steps",
+            "sft_batch_size",
+            "icrl_steps",
+        ):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be positive")
         if self.icrl_test_k < 1 or self.rl_iterations < 2 or self.rl_num_envs % 2:
@@ -266,7 +278,13 @@ def run_parts(args: BenchArguments, device: str, work_dir: Path, report: dict) -
 
     calls = {
         "rollout": lambda: rollout.run(
-            args.env_sizes, args.rollout_stage, args.reflection_tokens, device, args.model, args.seed
+            args.env_sizes,
+            args.rollout_stage,
+            args.reflection_tokens,
+            device,
+            args.model,
+            args.seed,
+            args.rollout_episodes_per_env,
         ),
         "memory": lambda: memory.run(args.memory_model, device),
         "sft": lambda: sft.run(

@@ -232,13 +232,27 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.agent == "oracle" and not envs[0].has_expert:
                     raise UsageError(f"--agent oracle: the {args.env} environment has no expert")
                 bar = tqdm(total=args.num_episodes, desc=f"eval {summary['name']} {stage}", unit="ep")
-                for start in range(0, args.num_episodes, args.batch_size):
-                    seeds = [args.seed + i for i in range(start, min(start + args.batch_size, args.num_episodes))]
-                    batch = rollout(envs[: len(seeds)], seeds, agent, reflector, None, args.greedy, generator)
-                    episodes += batch
-                    if hasattr(agent, "observe"):
+                seeds = [args.seed + i for i in range(args.num_episodes)]
+                if hasattr(agent, "observe"):
+                    # an in-context agent reads the episodes so far: batches of batch_size, each seen after it ends
+                    for start in range(0, args.num_episodes, args.batch_size):
+                        batch = seeds[start : start + args.batch_size]
+                        batch = rollout(envs[: len(batch)], batch, agent, reflector, None, args.greedy, generator)
+                        episodes += batch
                         agent.observe(batch)
-                    bar.update(len(batch))
+                        bar.update(len(batch))
+                else:
+                    # batch_size envs in lockstep, each starting the next episode as soon as its own ends
+                    episodes = rollout(
+                        envs,
+                        seeds,
+                        agent,
+                        reflector,
+                        None,
+                        args.greedy,
+                        generator,
+                        on_episode=lambda _, bar=bar: bar.update(1),
+                    )
                 bar.close()
                 faults: Counter = Counter()  # games an engine failed on (ALFWorld), skipped: {} elsewhere
                 for env in envs:

@@ -447,6 +447,37 @@ def test_rollout_records_the_truncated_state_for_bootstrapping(sft_runs):
     assert all(ep.bootstrap is None for ep in rollout(envs, [0, 1, 2, 3], policy))  # off unless asked
 
 
+def test_rollout_with_fewer_envs_than_seeds_starts_the_next_episode_in_a_freed_env(sft_runs):
+    from envs.prompt import policy_prompt
+    from envs.taxi import TaxiEnv
+    from training.players import load_players
+    from training.rollout import LMPolicy, OracleAgent, rollout
+
+    seeds = [5, 1, 7, 2, 9]
+    one_each = [rollout([TaxiEnv(stage="pickup")], [s], OracleAgent())[0] for s in seeds]
+    ended = []
+    pooled = rollout([TaxiEnv(stage="pickup") for _ in range(2)], seeds, OracleAgent(), on_episode=ended.append)
+    assert [ep.seed for ep in pooled] == seeds  # in the order of the seeds, whichever env played them
+    for alone, shared in zip(one_each, pooled):  # the oracle is deterministic: the very same episodes
+        assert [st.action for st in shared.steps] == [st.action for st in alone.steps]
+        assert shared.success == alone.success and shared.ret == alone.ret
+    assert sorted(id(ep) for ep in ended) == sorted(id(ep) for ep in pooled)  # each reported once, as it ended
+    # an env that is reset mid-rollout still bootstraps the episode it cut, from the state it was cut in
+    players = load_players(str(sft_runs["plain"]), with_reference=False)
+    head = torch.nn.Linear(players.policy_model.config.hidden_size, 1)
+    policy = LMPolicy(players.policy_model, players.tokenizer, head, players.policy_adapter)
+    cut = rollout([TaxiEnv(stage="pickup", horizon=1, danger=False)], [0, 1, 2], policy, bootstrap=True)
+    assert any(ep.bootstrap is not None for ep in cut)
+    for ep in cut:
+        if ep.bootstrap is not None:  # replayed alone, the step leads to the state the bootstrap prompt shows
+            replay = TaxiEnv(stage="pickup", horizon=1, danger=False)
+            replay.reset(seed=ep.seed)
+            after, *_ = replay.step(ep.steps[0].action)
+            assert ep.bootstrap.prompt == policy_prompt(after, ep.bootstrap.labels)
+    with pytest.raises(ValueError, match="3 environments for 2 seeds"):
+        rollout([TaxiEnv(stage="pickup") for _ in range(3)], [0, 1], OracleAgent())
+
+
 def test_checkpoint_rng_includes_cuda_when_present(monkeypatch):
     from training.rl_finetune import rng_state, set_rng_state
 

@@ -32,7 +32,7 @@ from experiment_args import ModelArguments, UsageError, cuda_bf16
 
 BUILTIN_MODELS = ("tiny-gpt2", "tiny-gpt2-compact", "smollm2-135m")
 EOS = "<|endoftext|>"
-COMPACT_VERSION = 1  # bump when data_gen.corpus or the compact tokenizer's settings change
+COMPACT_VERSION = 2  # bump when data_gen.corpus or the compact tokenizer's settings change
 COMPACT_MAX_VOCAB = 1024
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bare names the hub still resolves (legacy GPT-2 repos); anything else bare and not a folder is a typo.
@@ -73,18 +73,28 @@ def _build_tiny_gpt2(out_dir: str) -> None:
 
 
 def _build_tiny_gpt2_compact(out_dir: str) -> None:
-    """tiny-gpt2 with a byte-level BPE trained on the environments' prompts (data_gen.corpus): about
-    440 tokens instead of 50,257, so the output head, which was 88% of a generated token's FLOPs, and
-    sampling over it become almost free. Prompts are about as long as with GPT-2's tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """tiny-gpt2 with a byte-level BPE trained on the environments' prompts (data_gen.corpus): 1,024 tokens
+    instead of 50,257, so the output head, which was 88% of a generated token's FLOPs, and sampling over it
+    become almost free.
+
+    Merges run across spaces within a line (a pre-token is a line, or one newline), so a Taxi map row, an
+    action line such as ``0. move south`` or a frequent reflection sentence is one token: a Taxi policy
+    prompt is ~62 tokens instead of ~120 with GPT-2's word-splitting pre-tokenizer (version 1 of this model),
+    and the 128-wide model, compute-bound on a CPU core, scores and prefills it about twice as fast. The
+    byte alphabet stays, so any text still encodes (text unlike the corpus in more tokens), and the answer
+    label after ``# Action:\n`` is a line of its own, so labels stay single tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from data_gen.corpus import tokenizer_corpus
 
     bpe = Tokenizer(models.BPE())
-    # GPT-2's pre-tokenizer and byte alphabet: every string encodes, and digits and letters (the action
-    # labels) stay single tokens after "# Action:\n".
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=COMPACT_MAX_VOCAB,
@@ -291,18 +301,40 @@ def _load_base(args: ModelArguments, path: str, trainable: bool, activation_chec
     return model
 
 
+class TanhGELU(torch.nn.Module):
+    """GPT-2's tanh-approximated GELU, ``0.5 x (1 + tanh(z))`` with ``z = sqrt(2/pi) (x + 0.044715 x^3)``.
+
+    Small inputs (a decoded token's rows) and anything autograd records go to torch's fused kernel of that
+    formula. Large inputs without grad (scoring or prefilling prompts) use the identity
+    ``0.5 (1 + tanh(z)) = sigmoid(2z)`` computed in place: torch's ``tanh`` costs ~2.5 ns an element on this
+    project's CPU core against 0.4 for ``sigmoid``, so the form is 2.3x faster at (2240, 512), within 5e-7 of
+    the kernel. In-place steps would break backward, hence the fused kernel whenever grad is on.
+    """
+
+    LARGE = 16_384  # elements; below it the fused kernel's single call beats the form's five
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() < self.LARGE or torch.is_grad_enabled() or x.device.type != "cpu":
+            return torch.nn.functional.gelu(x, approximate="tanh")
+        k = 1.5957691216057308  # 2 sqrt(2/pi)
+        t = x * x
+        t.mul_(0.044715 * k).add_(k).mul_(x)  # 2z
+        return t.sigmoid_().mul_(x)
+
+
 def fuse_tanh_gelu(model) -> int:
     """Swap transformers' ``NewGELUActivation`` (GPT-2's tanh-approximated GELU, composed of six elementwise
-    ops in Python) for ``torch.nn.GELU(approximate="tanh")``, one fused kernel of the same formula: 4x faster on
-    a CPU core (it was 28% of the built-in model's rollout time), outputs within 2.4e-7 in float32. Returns the
-    number of modules swapped; the saved config and weights are unchanged."""
+    ops in Python) for :class:`TanhGELU`, the same formula as one fused kernel (4x faster on a CPU core; it
+    was 28% of the built-in model's rollout time) or, for large inputs without grad, a faster in-place form;
+    outputs within 5e-7 in float32. Returns the number of modules swapped; the saved config and weights are
+    unchanged."""
     from transformers.activations import NewGELUActivation
 
     swapped = 0
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is NewGELUActivation:
-                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+                setattr(module, name, TanhGELU())
                 swapped += 1
     return swapped
 
@@ -411,8 +443,8 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], max_length: int | None = None, counts: dict | None = None) -> dict:
-    """Left-padded ``input_ids`` and ``attention_mask`` (B, T), each prompt cut to its last ``max_length`` tokens.
+def prompt_ids(tokenizer, prompts: list[str], max_length: int | None = None, counts: dict | None = None) -> list:
+    """Each prompt's token ids, cut to its last ``max_length`` tokens.
 
     Cutting from the left keeps the end of the prompt (the action list and ``# Action:``), which is
     what the next token depends on most; but it loses the task text, so environments cap their
@@ -426,6 +458,11 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_length: int | None = Non
         ids = [row[-max_length:] for row in ids]
     if any(len(row) == 0 for row in ids):
         raise ValueError("an empty prompt has no last token to score or continue")
+    return ids
+
+
+def left_pad(tokenizer, ids: list[list[int]]) -> dict:
+    """``input_ids`` and ``attention_mask`` (B, T) of token rows padded on the left to the longest."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # (B, T)
@@ -434,6 +471,34 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_length: int | None = Non
         input_ids[b, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         attention_mask[b, width - len(row) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int | None = None, counts: dict | None = None) -> dict:
+    """Left-padded ``input_ids`` and ``attention_mask`` (B, T), each prompt cut to its last ``max_length`` tokens
+    (:func:`prompt_ids`, :func:`left_pad`)."""
+    return left_pad(tokenizer, prompt_ids(tokenizer, prompts, max_length, counts))
+
+
+# Rows scored in one forward pass on a CPU hold at most this many (padded) tokens. A 128-wide model is
+# compute-bound on a core whatever the batch, and one pass over 128 Taxi policy prompts (~18k tokens) ran
+# 1.7x slower per prompt than passes of ~2k tokens, whose activations stay in cache; rows are sorted by
+# length first, so the passes also carry less padding. Other devices take the whole batch at once.
+CPU_SCORE_TOKENS = 2048
+
+
+def length_chunks(lengths: list[int], budget: int | None) -> list[list[int]]:
+    """Row indices grouped into passes of at most ``budget`` padded tokens (at least one row each), longest
+    rows first; one pass of every row in order when ``budget`` is None."""
+    if budget is None:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda b: -lengths[b])
+    chunks: list[list[int]] = []
+    for b in order:
+        if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= budget:
+            chunks[-1].append(b)
+        else:
+            chunks.append([b])
+    return chunks
 
 
 def _accepts_logits_to_keep(model) -> bool:
@@ -451,6 +516,7 @@ def action_logprobs(
     max_length: int | None = None,
     return_hidden: bool = False,
     counts: dict | None = None,
+    batch_tokens: int | None | str = "auto",
 ):
     """Log-probs (B, A) of each action label after each prompt, and the policy entropy (B,).
 
@@ -459,7 +525,9 @@ def action_logprobs(
     (shuffled labels); the rest are -inf. The softmax is over the admissible label tokens only
     (Reflect-RL's shrunk head). Differentiable: wrap in ``torch.no_grad()`` when only sampling.
     With ``return_hidden`` the last layer's state at the last prompt token (B, H) comes third, for a
-    value head on the same forward pass. ``counts`` tallies prompts cut to fit (:func:`tokenize_prompts`).
+    value head on the same forward pass. ``counts`` tallies prompts cut to fit (:func:`prompt_ids`).
+    Rows run in passes of at most ``batch_tokens`` padded tokens (``"auto"``: :data:`CPU_SCORE_TOKENS` on a
+    CPU, one pass elsewhere; None: one pass), which only changes the numbers by float rounding.
     """
     device = _device(model)
     label_ids = torch.as_tensor(label_ids, dtype=torch.long, device=device)  # (A,) or (B, A)
@@ -467,22 +535,40 @@ def action_logprobs(
     width = label_ids.shape[-1]
     if len(prompts) != len(n) or bool((n < 1).any()) or bool((n > width).any()):
         raise ValueError(f"n_actions must give 1..{width} actions for each of the {len(prompts)} prompts")
-    enc = tokenize_prompts(tokenizer, prompts, max_length or max_positions(model), counts)
-    input_ids = enc["input_ids"].to(device)  # (B, T)
-    attention_mask = enc["attention_mask"].to(device)  # (B, T)
-    # Positions count real tokens only, so a left-padded prompt sees the positions it would alone
-    # (GPT-2 does not derive them from the mask itself).
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    ids = prompt_ids(tokenizer, prompts, max_length or max_positions(model), counts)
+    if batch_tokens == "auto":
+        batch_tokens = CPU_SCORE_TOKENS if device.type == "cpu" else None
+    chunks = length_chunks([len(row) for row in ids], batch_tokens)
     kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        output_hidden_states=return_hidden,
-        **kwargs,
-    )
-    last_logits = out.logits[:, -1, :].float()  # (B, V)
+    logits, hidden = [], []
+    for chunk in chunks:
+        enc = left_pad(tokenizer, [ids[b] for b in chunk])
+        input_ids = enc["input_ids"].to(device)  # (b, T)
+        attention_mask = enc["attention_mask"].to(device)  # (b, T)
+        # Positions count real tokens only, so a left-padded prompt sees the positions it would alone
+        # (GPT-2 does not derive them from the mask itself).
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, T)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=return_hidden,
+            **kwargs,
+        )
+        logits.append(out.logits[:, -1, :].float())  # (b, V)
+        if return_hidden:
+            hidden.append(out.hidden_states[-1][:, -1, :])  # (b, H)
+    if len(chunks) == 1 and chunks[0] == list(range(len(ids))):
+        last_logits = logits[0]  # (B, V)
+        last_hidden = hidden[0] if return_hidden else None
+    else:
+        # back from pass order to row order
+        where = torch.empty(len(ids), dtype=torch.long)
+        where[torch.tensor([b for chunk in chunks for b in chunk])] = torch.arange(len(ids))
+        where = where.to(device)
+        last_logits = torch.cat(logits)[where]  # (B, V)
+        last_hidden = torch.cat(hidden)[where] if return_hidden else None
     if label_ids.dim() == 1:
         label_logits = last_logits[:, label_ids]  # (B, A)
     else:
@@ -492,7 +578,7 @@ def action_logprobs(
     # Zero the -inf entries before multiplying: 0 * -inf is nan, in the value and in the gradient.
     entropy = -(logprobs.exp() * logprobs.masked_fill(inadmissible, 0.0)).sum(-1)  # (B,)
     if return_hidden:
-        return logprobs, entropy, out.hidden_states[-1][:, -1, :]  # (B, H)
+        return logprobs, entropy, last_hidden  # (B, H)
     return logprobs, entropy
 
 
@@ -522,8 +608,12 @@ def generate_text(
     stop = None
     if stop_strings:
         # rows whose new text holds a stop string are done (the text is cut there below in any case)
+        # A stop string first found at this token ends within its last len(stop) tokens (every token decodes
+        # to at least a character), so only those are decoded, one more for tokenizers that drop a leading space.
+        window = max(len(s) for s in stop_strings) + 1
+
         def stop(rows: torch.Tensor) -> torch.Tensor:
-            texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+            texts = tokenizer.batch_decode(rows[:, -window:], skip_special_tokens=True)
             return torch.tensor([any(s in t for s in stop_strings) for t in texts], dtype=torch.bool)
 
     was_training = model.training
@@ -563,7 +653,8 @@ def decode(
     A plain KV-cached loop, leaner than ``generate()`` for the short reflections of a rollout:
     - identical prompts in the batch are prefilled once, and their cache rows copied;
     - a row is done at ``eos_token_id`` or when ``stop(new_tokens_of_live_rows) -> (b,) bool`` says so;
-      done rows leave the batch (their cache rows are dropped), so later tokens cost only the live rows;
+      done rows leave the batch (their cache rows are dropped) once they are a quarter of it, so later
+      tokens cost only about the live rows;
     - the loop ends when every row is done. After a row's end come ``pad_token_id``s.
     Greedy output equals ``generate(do_sample=False)``'s token for token. Sampling draws each row's token by
     inverse CDF from the global torch RNG (which RL checkpoints save; :func:`sample_tokens`).
@@ -592,20 +683,31 @@ def decode(
     mask = attention_mask
     next_position = positions[inverse, -1:] + 1  # (B, 1)
     new = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)  # (B, N)
-    live = torch.arange(batch, device=device)  # rows still decoding
+    rows = torch.arange(batch, device=device)  # the output row of each cache row
+    active = torch.ones(batch, dtype=torch.bool, device=device)  # cache rows still decoding
     for step in range(max_new_tokens):
         token = sample_tokens(logits, temperature)  # (b,)
-        new[live, step] = token
+        new[rows[active], step] = token[active]
         done = token == eos_token_id if eos_token_id is not None else torch.zeros_like(token, dtype=torch.bool)
         if stop is not None:
-            done |= stop(new[live, : step + 1]).to(device)
-        if step == max_new_tokens - 1 or bool(done.all()):
+            running = active.nonzero().squeeze(1)
+            done[running] |= stop(new[rows[running], : step + 1]).to(device)
+        active &= ~done
+        if step == max_new_tokens - 1 or not bool(active.any()):
             break
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)  # (b',)
-            live, token, mask, next_position = live[keep], token[keep], mask[keep], next_position[keep]
+        # Finished rows leave the batch once they are a quarter of it: dropping them copies the whole cache,
+        # which at every token cost more than decoding the few finished rows on (their tokens are ignored).
+        if 4 * int((~active).sum()) >= len(active):
+            keep = active.nonzero().squeeze(1)  # (b',)
+            rows, token, mask, next_position, active = (
+                rows[keep],
+                token[keep],
+                mask[keep],
+                next_position[keep],
+                active[keep],
+            )
             cache.batch_select_indices(keep)
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         out = model(
             input_ids=token[:, None],
             attention_mask=mask,

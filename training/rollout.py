@@ -340,22 +340,33 @@ def rollout(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     bootstrap: bool = False,
+    on_episode=None,
 ) -> list[Episode]:
-    """Run one episode in each env (seeded by ``seeds``) in lockstep; returns the episodes in order.
+    """Run one episode per seed, the envs in lockstep; returns the episodes in the order of ``seeds``.
 
+    The envs are slots: with fewer envs than seeds, an env whose episode ends starts the next seed's at
+    once (a vector env's auto-reset), so every lockstep step runs a full batch until the seeds run out,
+    instead of the batch emptying as episodes end. ``on_episode(episode)`` is called as each one ends.
     ``reflector=None`` is the no-reflection setting: the prompt has no ``# Analyze:`` section.
     ``reference`` (the frozen SFT policy) adds ``ref_logprob`` and ``ref_logprobs`` to each step for
     the KL term. With ``bootstrap`` (an agent with a value head) an episode cut by the horizon gets
     the prompt and value of the state it stopped in (reflected like any other state).
     """
-    if len(envs) != len(seeds):
-        raise ValueError("one seed per environment")
+    if not envs or len(envs) > len(seeds):
+        raise ValueError(f"{len(envs)} environments for {len(seeds)} seeds: need 1 to one per seed")
     generator = generator or torch.Generator().manual_seed(0)
-    observations = [env.reset(seed=seed) for env, seed in zip(envs, seeds)]
-    episodes = [
-        Episode(seed=seed, stage=getattr(env, "stage", ""), tags=dict(o.extra.get("tags", {})))
-        for env, seed, o in zip(envs, seeds, observations)
-    ]
+    episodes: list[Episode | None] = [None] * len(seeds)
+    observations: list[Observation | None] = [None] * len(envs)
+    running = [0] * len(envs)  # the episode (index into seeds) each env is playing
+
+    def start(i: int, k: int) -> None:
+        observations[i] = obs = envs[i].reset(seed=seeds[k])
+        episodes[k] = Episode(seed=seeds[k], stage=getattr(envs[i], "stage", ""), tags=dict(obs.extra.get("tags", {})))
+        running[i] = k
+
+    for i in range(len(envs)):
+        start(i, i)
+    upcoming = iter(range(len(envs), len(seeds)))
     live = list(range(len(envs)))
     while live:
         obs = [observations[i] for i in live]
@@ -369,12 +380,13 @@ def rollout(
         ref_logprobs = [
             float(ref_rows[b][a]) if a is not None and ref_rows[b] else 0.0 for b, a in enumerate(decision.actions)
         ]
-        still_live, cut = [], []
+        still_live, ended, cut = [], [], []
         for b, i in enumerate(live):
             action = decision.actions[b]
             key = envs[i].state_key()
             next_obs, reward, terminated, truncated, info = envs[i].step(action)
-            episodes[i].steps.append(
+            episode = episodes[running[i]]
+            episode.steps.append(
                 Step(
                     prompt=prompts[b],
                     n_actions=len(obs[b].actions),
@@ -396,13 +408,21 @@ def rollout(
             )
             observations[i] = next_obs
             if terminated or truncated:
-                episodes[i].success = bool(info.get("success", False))
+                episode.success = bool(info.get("success", False))
                 if truncated and not terminated:
-                    cut.append(i)
+                    cut.append((next_obs, episode))
+                ended.append(i)
             else:
                 still_live.append(i)
         if bootstrap and cut:
-            _bootstrap(agent, reflector, [observations[i] for i in cut], [episodes[i] for i in cut])
+            _bootstrap(agent, reflector, [o for o, _ in cut], [e for _, e in cut])
+        for i in ended:
+            if on_episode is not None:
+                on_episode(episodes[running[i]])
+            k = next(upcoming, None)
+            if k is not None:
+                start(i, k)
+                still_live.append(i)
         live = still_live
     return episodes
 
