@@ -64,6 +64,7 @@ def test_quick_run_writes_every_ratio(tmp_path):
     flags = ["--quick", "--threads", "1", "--output", str(out), "--rollout_envs", "2,3", "--reflection_tokens", "4"]
     flags += ["--sft_warmup", "1", "--sft_steps", "1", "--sft_batch_size", "4", "--icrl_steps", "6"]
     flags += ["--icrl_test_k", "3", "--work_dir", str(tmp_path / "work")]
+    flags += ["--rollout_threads", "1", "--rollout_episodes_per_env", "2"]
     flags += ["--parts", "rollout,memory,sft,icrl"]  # peer has its own test (tests/test_bench_peer.py)
     threads = torch.get_num_threads()
     report = bench_main(flags)
@@ -79,6 +80,12 @@ def test_quick_run_writes_every_ratio(tmp_path):
     for key, figure in saved["figures"].items():
         assert figure["value"] > 0 and figure["baseline"] > 0, key
         assert figure["ratio"] == pytest.approx(figure["value"] / figure["baseline"]), key
+    rollout = saved["figures"]["rollout/sampled/n3"]
+    assert rollout["raw"]["episodes"] == 6 and rollout["raw"]["drain_episodes"] == 3  # 3 envs over 6 seeds, and 3
+    assert rollout["raw"]["torch_threads"] == 1
+    # the targets are for sampled reflections at the largest N
+    targeted = {key for key, figure in saved["figures"].items() if key.startswith("rollout/") and figure["targets"]}
+    assert targeted == {"rollout/sampled/n3"} and len(rollout["targets"]) == 2
     assert saved["figures"]["memory/two_player_lora"]["ratio"] < 1.15  # three adapters cost little on one base
     assert saved["figures"]["memory/two_full_copies"]["ratio"] == pytest.approx(2.0)
     icrl = saved["figures"]["icrl/prefill_tokens"]["raw"]
