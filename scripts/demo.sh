@@ -13,9 +13,9 @@ REFLECTOR_STEPS=${REFLECTOR_STEPS:-1000}
 SFT_STEPS=${SFT_STEPS:-300}
 RL_ITERS=${RL_ITERS:-110}
 EVAL_EPISODES=${EVAL_EPISODES:-300}
-# NO_NEGATIVES=1 adds the ablation "Reflect-RL without negative examples" (policy SFT on the positive steps
-# only, then the same RL), run after the arm without reflection: one more policy SFT and RL run (untimed).
-NO_NEGATIVES=${NO_NEGATIVES:-0}
+# The ablation "Reflect-RL without negative examples" (policy SFT on the positive steps only, then the same RL)
+# runs in the arm without reflection, after its own runs; NO_NEGATIVES=0 leaves it out.
+NO_NEGATIVES=${NO_NEGATIVES:-1}
 # The drop-off stage with the taxi starting anywhere (96 start states), no action history (prompts are a
 # function of the state, so greedy reflections are memoised) and the "progress" reward: 1 for finishing plus
 # 0.1 per step of distance to the goal gained (-0.1 per step lost), no cost per step or crash. The paper's

@@ -147,6 +147,33 @@ def test_action_logprobs_match_unpadded_forward(tiny_model_dir, tok):
         torch.testing.assert_close(cut[0, :3], expected, atol=tol, rtol=tol)
 
 
+def test_length_chunks_by_hand():
+    from training.models import length_chunks
+
+    assert length_chunks([3, 10, 5, 10], None) == [[0, 1, 2, 3]]
+    # longest first; a pass holds rows while rows x its first (longest) row's length fit the budget
+    assert length_chunks([3, 10, 5, 10], 20) == [[1, 3], [2, 0]]
+    assert length_chunks([3, 10, 5, 10], 5) == [[1], [3], [2], [0]]  # a row longer than the budget runs alone
+
+
+def test_action_logprobs_in_passes_equal_one_pass_and_carry_grad(tiny_model_dir, tok):
+    model = load_model(ModelArguments(use_peft=False, dtype="float32"))
+    prompts = PROMPTS + [PROMPTS[0] + " more", PROMPTS[1][:-3]]  # four lengths
+    label_ids = torch.tensor(label_token_ids(tok, action_labels(3)))
+    n_actions = [3, 2, 3, 1]
+    whole, whole_entropy, whole_hidden = action_logprobs(
+        model, tok, prompts, n_actions, label_ids, return_hidden=True, batch_tokens=None
+    )
+    parts, parts_entropy, parts_hidden = action_logprobs(
+        model, tok, prompts, n_actions, label_ids, return_hidden=True, batch_tokens=1  # one row a pass
+    )
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)  # each row back in its place
+    torch.testing.assert_close(parts_entropy, whole_entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(parts_hidden, whole_hidden, atol=1e-5, rtol=1e-5)
+    parts[:, 0].sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_lora_all_linear_on_gpt2_conv1d_gets_grads_only_on_lora(tiny_model_dir, tok):
     model = load_model(ModelArguments(lora_r=4))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
