@@ -611,9 +611,18 @@ def generate_text(
         # A stop string first found at this token ends within its last len(stop) tokens (every token decodes
         # to at least a character), so only those are decoded, one more for tokenizers that drop a leading space.
         window = max(len(s) for s in stop_strings) + 1
+        # a fast tokenizer's Rust object decodes the whole batch in one call (batch_decode loops in Python)
+        from tokenizers import Tokenizer
+
+        rust = getattr(tokenizer, "_tokenizer", None)
+        rust = rust if isinstance(rust, Tokenizer) else None
 
         def stop(rows: torch.Tensor) -> torch.Tensor:
-            texts = tokenizer.batch_decode(rows[:, -window:], skip_special_tokens=True)
+            tails = rows[:, -window:].tolist()
+            if rust is not None:
+                texts = rust.decode_batch(tails, skip_special_tokens=True)
+            else:
+                texts = tokenizer.batch_decode(tails, skip_special_tokens=True)
             return torch.tensor([any(s in t for s in stop_strings) for t in texts], dtype=torch.bool)
 
     was_training = model.training
