@@ -165,7 +165,13 @@ def test_action_logprobs_in_passes_equal_one_pass_and_carry_grad(tiny_model_dir,
         model, tok, prompts, n_actions, label_ids, return_hidden=True, batch_tokens=None
     )
     parts, parts_entropy, parts_hidden = action_logprobs(
-        model, tok, prompts, n_actions, label_ids, return_hidden=True, batch_tokens=1  # one row a pass
+        model,
+        tok,
+        prompts,
+        n_actions,
+        label_ids,
+        return_hidden=True,
+        batch_tokens=1,  # one row a pass
     )
     torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)  # each row back in its place
     torch.testing.assert_close(parts_entropy, whole_entropy, atol=1e-5, rtol=1e-5)
