@@ -352,6 +352,9 @@ def test_tanh_gelu_matches_transformers_on_both_paths_and_keeps_grad():
             kept = x.clone()
             torch.testing.assert_close(gelu(x), reference(x), atol=1e-6, rtol=1e-5)
             assert torch.equal(x, kept)  # the input is not written over
+    with torch.no_grad():  # half precision keeps the kernel's single rounding
+        half = large.bfloat16()
+        assert torch.equal(gelu(half), torch.nn.functional.gelu(half, approximate="tanh"))
     x = large.clone().requires_grad_(True)  # grad on: the fused kernel, which autograd can differentiate
     gelu(x).sum().backward()
     y = large.clone().requires_grad_(True)
