@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if hasattr(agent, "observe"):
                     # an in-context agent reads the episodes so far: batches of batch_size, each seen after it ends
                     for start in range(0, args.num_episodes, args.batch_size):
-                        batch = seeds[start : start + args.batch_size]
-                        batch = rollout(envs[: len(batch)], batch, agent, reflector, None, args.greedy, generator)
+                        chunk = seeds[start : start + args.batch_size]
+                        batch = rollout(envs[: len(chunk)], chunk, agent, reflector, None, args.greedy, generator)
                         episodes += batch
                         agent.observe(batch)
                         bar.update(len(batch))
