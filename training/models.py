@@ -560,16 +560,12 @@ def action_logprobs(
         logits.append(out.logits[:, -1, :].float())  # (b, V)
         if return_hidden:
             hidden.append(out.hidden_states[-1][:, -1, :])  # (b, H)
-    if len(chunks) == 1 and chunks[0] == list(range(len(ids))):
-        last_logits = logits[0]  # (B, V)
-        last_hidden = hidden[0] if return_hidden else None
-    else:
-        # back from pass order to row order
-        where = torch.empty(len(ids), dtype=torch.long)
-        where[torch.tensor([b for chunk in chunks for b in chunk])] = torch.arange(len(ids))
-        where = where.to(device)
-        last_logits = torch.cat(logits)[where]  # (B, V)
-        last_hidden = torch.cat(hidden)[where] if return_hidden else None
+    # back from pass order to row order
+    where = torch.empty(len(ids), dtype=torch.long)
+    where[torch.tensor([b for chunk in chunks for b in chunk])] = torch.arange(len(ids))
+    where = where.to(device)
+    last_logits = torch.cat(logits)[where]  # (B, V)
+    last_hidden = torch.cat(hidden)[where] if return_hidden else None
     if label_ids.dim() == 1:
         label_logits = last_logits[:, label_ids]  # (B, A)
     else:
